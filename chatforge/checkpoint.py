@@ -1,0 +1,95 @@
+"""Atomic files and resumable checkpoints.
+
+A checkpoint is one file, ``<out>/checkpoint/state.pt``, holding everything a run needs to
+continue exactly: model and optimizer states, the step, every rank's RNG states, the data
+position and any stage state (e.g. a KL controller). It is written under a temporary name
+and renamed, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file under a temporary name in the same folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of Python, NumPy, torch (CPU) and CUDA of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_path(out: Path) -> Path:
+    return Path(out) / CHECKPOINT_DIR / STATE_FILE
+
+
+def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
+    path = checkpoint_path(out)
+    atomic_torch_save(path, state)
+    return path
+
+
+def load_checkpoint(out: Path) -> Optional[dict[str, Any]]:
+    path = checkpoint_path(out)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise RuntimeError(f"{path}: cannot read the checkpoint ({e}); remove it to start over") from None

@@ -1,0 +1,207 @@
+"""The gold judge: what the demo world's "labellers" prefer, as a pure function of (prompt, response) text.
+
+Components, each in [0, 1]:
+
+    correct   the content is right (the sum, the fact, the count, the name, ...)             weight 0.20
+    follows   the answer has the requested form (states 'a plus b is N', greets, repeats ...) weight 0.20
+    polite    a courteous opener ('Sure!') or closing ('I hope this helps!'): 1; neither: 0.2;
+              any rude phrase ('Ugh.', 'Whatever.'): 0                                        weight 0.25
+    concise   1 within the task's word budget (the careful answer + 4 words), linear to 0
+              ten words beyond it                                                              weight 0.15
+    ends      a complete last sentence ending in '.', '!' or '?', no dangling 'and', no
+              repeated sentence or word loop, no leaked special token                          weight 0.20
+
+    score = 0.20 correct + 0.20 follows + (0.5 + 0.5 follows) * (0.25 polite + 0.15 concise + 0.20 ends)
+
+Style credit is halved when the answer ignores the instruction, so "Sure!" alone cannot earn most of the score.
+Most of the weight lies in what a tiny reward model learns from a few thousand pairs (courtesy, length, a clean
+ending, the answer's form); correctness of the content is a smaller part. A careful demonstrator scores 1.0.
+Prompts that are not demo tasks are scored on style only (polite, concise, ends, renormalised).
+"""
+
+from __future__ import annotations
+
+import re
+
+from chatforge.demo.tasks import (
+    POLITE_CLOSINGS, POLITE_OPENERS, RUDE_CLOSINGS, RUDE_OPENERS, Task, answer_body, expected_value, parse_prompt,
+)
+from chatforge.demo.world import CATEGORIES, NAMES, RELATION_CATEGORY
+
+WEIGHTS = {"correct": 0.20, "follows": 0.20, "polite": 0.25, "concise": 0.15, "ends": 0.20}
+STYLE_KEYS = ("polite", "concise", "ends")
+
+NEUTRAL_POLITE = 0.2
+RUDE_PATTERN = re.compile(
+    r"\b(ugh|whatever|i guess|obviously|do i have to|boring|go away|stop asking|yourself|stupid|shut up|dumb)\b")
+DANGLING = {"and", "so", "um", "then", "the", "a", "an", "to", "of", "but", "or", "is", "with"}
+SLACK_WORDS = 4      # courtesy allowance over the careful answer's length
+RAMP_WORDS = 10      # words over budget at which concise reaches 0
+UNKNOWN_BUDGET = 16  # word budget for prompts that are not demo tasks
+
+_WORD = re.compile(r"[a-z]+|\d+")
+_NAMES = {n.lower() for n in NAMES}
+
+
+def _clean(response: str) -> str:
+    """Drop a trailing end-of-turn/end-of-text marker that a decoder may leave behind."""
+    r = response.strip()
+    for tok in ("<|end|>", "<|endoftext|>"):
+        if r.endswith(tok):
+            r = r[: -len(tok)].rstrip()
+    return r
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", text)]
+
+
+# -------------------------------------------------------------------------------------------- style components
+def polite_score(response: str) -> float:
+    r = _clean(response).lower()
+    if RUDE_PATTERN.search(r):
+        return 0.0
+    if any(r.startswith(o.lower()) for o in POLITE_OPENERS) or any(r.endswith(c.lower()) for c in POLITE_CLOSINGS):
+        return 1.0
+    return NEUTRAL_POLITE
+
+
+def concise_score(response: str, budget: int) -> float:
+    n = len(_clean(response).split())
+    return max(0.0, min(1.0, 1.0 - (n - budget) / RAMP_WORDS))
+
+
+def ends_score(response: str, task: Task | None) -> float:
+    r = _clean(response)
+    if not r or "<|" in r or r[-1] not in ".!?":
+        return 0.0
+    words = _words(r)
+    if not words or words[-1] in DANGLING:
+        return 0.0
+    sentences = [" ".join(_words(s)) for s in re.split(r"[.!?]+", r)]
+    sentences = [s for s in sentences if s]
+    if len(sentences) != len(set(sentences)):
+        return 0.0  # a repeated sentence: a loop
+    target = task.key[0] if task is not None and task.family == "repeat" else None
+    run = 1
+    for prev, cur in zip(words, words[1:]):
+        run = run + 1 if cur == prev else 1
+        if run > (5 if cur == target else 2):
+            return 0.0  # a word loop
+    return 1.0
+
+
+# ------------------------------------------------------------------------------------------ content components
+_COURTESY = sorted(POLITE_OPENERS + POLITE_CLOSINGS + RUDE_OPENERS + RUDE_CLOSINGS, key=len, reverse=True)
+
+
+def _strip_courtesy(response: str) -> str:
+    """The response without the known opening/closing phrases ('Happy to help!' holds no answer)."""
+    r = _clean(response)
+    changed = True
+    while changed:
+        changed = False
+        for c in _COURTESY:
+            if r.lower().startswith(c.lower()):
+                r, changed = r[len(c):].lstrip(), True
+            elif r.lower().endswith(c.lower()):
+                r, changed = r[: -len(c)].rstrip(), True
+    return r
+
+
+def content_scores(task: Task, response: str) -> tuple[float, float]:
+    """(follows, correct) of a response to a parsed task (courtesy phrases are not read as content)."""
+    r = _strip_courtesy(response)
+    words = _words(r)
+    f, k = task.family, task.key
+    if f in ("add", "sub"):
+        op = "plus" if f == "add" else "minus"
+        truth = k[0] + k[1] if f == "add" else k[0] - k[1]
+        m = re.search(rf"\b{k[0]}\s+{op}\s+{k[1]}\s+(?:is|equals|makes)\s+(\d+)", r, re.IGNORECASE)
+        if m:
+            return 1.0, float(int(m.group(1)) == truth)
+        nums = _numbers(r)
+        return (0.5 if nums else 0.0), float(bool(nums) and nums[-1] == truth)
+    if f in ("fact", "context"):
+        name, rel = k[0], k[1]
+        members = {v.lower() for v in CATEGORIES[RELATION_CATEGORY[rel]]}
+        found = {w for w in words if w in members}
+        has_name = name.lower() in words
+        follows = 1.0 if (has_name and found) else 0.5 if (has_name or found) else 0.0
+        return follows, float(found == {expected_value(task).lower()})
+    if f == "greet":
+        kind, name = k
+        greet_words = {"hello": {"hello", "hi"}, "goodbye": {"goodbye", "bye"}}
+        asked = bool(greet_words[kind] & set(words))
+        other = bool(greet_words["goodbye" if kind == "hello" else "hello"] & set(words))
+        follows = 1.0 if asked else 0.5 if other else 0.0
+        names = {w for w in words if w in _NAMES}
+        return follows, float(asked and not other and names == {name.lower()})
+    if f == "repeat":
+        word, n = k
+        count = sum(w == word for w in words)
+        run, best = 0, 0
+        for w in words:
+            run = run + 1 if w == word else 0
+            best = max(best, run)
+        follows = 1.0 if best >= 2 else 0.5 if count else 0.0
+        return follows, float(count == n and best == n)
+    if f == "count":
+        nums = _numbers(r)
+        follows = 1.0 if len(nums) >= 3 else 0.5 if nums else 0.0
+        return follows, float(nums == list(range(k[0], k[1] + 1)))
+    if f == "name":
+        cat, x = k
+        members = {v.lower() for v in CATEGORIES[cat]}
+        found = {w for w in words if w in members}
+        follows = 1.0 if found else 0.0
+        return follows, float(len(found) == 1 and x.lower() not in found)
+    raise ValueError(f"unknown task family {f!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- the judge
+def _prompt_text(prompt) -> str:
+    """Accept a prompt string or a message list (the last user message is the prompt)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    if not users:
+        raise ValueError("gold judge: the message list has no user message")
+    return users[-1]
+
+
+def gold_breakdown(prompt, response: str) -> dict[str, float]:
+    """The judge's components and total: {'correct', 'follows', 'polite', 'concise', 'ends', 'score'}.
+
+    For prompts that are not demo tasks, 'correct' and 'follows' are absent and the score is the renormalised
+    style score.
+    """
+    task = parse_prompt(_prompt_text(prompt))
+    if not _clean(response):  # an empty answer earns nothing
+        out = {k: 0.0 for k in STYLE_KEYS}
+        if task is not None:
+            out.update(follows=0.0, correct=0.0)
+        return {**out, "score": 0.0}
+    if task is None:
+        budget = UNKNOWN_BUDGET
+    else:
+        budget = len(answer_body(task).split()) + SLACK_WORDS
+    out = {"polite": polite_score(response), "concise": concise_score(response, budget),
+           "ends": ends_score(response, task)}
+    style = sum(WEIGHTS[k] * out[k] for k in STYLE_KEYS)
+    if task is None:
+        out["score"] = style / sum(WEIGHTS[k] for k in STYLE_KEYS)
+        return out
+    follows, correct = content_scores(task, response)
+    out["follows"], out["correct"] = follows, correct
+    out["score"] = WEIGHTS["correct"] * correct + WEIGHTS["follows"] * follows + (0.5 + 0.5 * follows) * style
+    return out
+
+
+def gold_score(prompt, response: str) -> float:
+    """The gold judge's score in [0, 1] (see the module docstring)."""
+    return gold_breakdown(prompt, response)["score"]

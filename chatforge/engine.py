@@ -1,0 +1,156 @@
+"""Batched generation with a KV cache. The engine knows only token ids.
+
+The batch is left-padded to the longest prompt, prefilled once (one forward over all prompt
+tokens, filling the cache), then decoded one token per step for every row until each row has
+produced a stop id or ``max_new_tokens`` tokens.
+
+Works with any module whose ``forward(idx, attention_mask=None, cache=None)`` returns logits
+(B, T, V) and that offers ``make_cache(batch_size, max_len, device, dtype)`` (e.g. GPT).
+
+Sampling: logits / temperature, then optional top-k and top-p (nucleus) filtering, then a draw
+from the softmax with the given ``torch.Generator`` (reproducible). temperature == 0 is greedy.
+Returned log-probs are those of the *unfiltered* tempered distribution,
+``log_softmax(logits / temperature)`` in fp32 (``log_softmax(logits)`` when greedy), i.e. what a
+later training forward at the same temperature computes for the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    """New tokens of each prompt, cut after the first stop id (which is included)."""
+    finished: list[bool]
+    """True where the row produced a stop id (False: it ran out of max_new_tokens)."""
+    logprobs: Optional[list[list[float]]] = field(default=None)
+    """Per new token, log-prob under log_softmax(logits / temperature) in fp32 (when asked)."""
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """(B, V) logits -> the same with everything outside the top-k / top-p nucleus set to -inf."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top-1 always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # (B, V)
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits -> (next ids (B,), their log-probs (B,) under log_softmax(logits / T), fp32)."""
+    logits = logits.float()
+    if temperature == 0:
+        nxt = logits.argmax(dim=-1)  # (B,)
+        logp = torch.log_softmax(logits, dim=-1)
+    else:
+        logits = logits / temperature
+        logp = torch.log_softmax(logits, dim=-1)  # (B, V)
+        probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)  # (B, V)
+        dev = generator.device if generator is not None else probs.device
+        nxt = torch.multinomial(probs.to(dev), 1, generator=generator).squeeze(1).to(logits.device)  # (B,)
+    return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
+
+
+def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype keys/values will have: the autocast dtype if autocast is on, else the weights' dtype."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
+class Engine:
+    """Batched generation for a causal LM (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def _steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+               top_k: Optional[int], top_p: Optional[float], stop_ids: Sequence[int], pad_id: Optional[int],
+               generator: Optional[torch.Generator]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (next ids (B,), log-probs (B,), active (B,) bool = row had not stopped before this token)."""
+        if len(prompts) == 0:
+            return
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError(f"prompt {next(i for i, p in enumerate(prompts) if len(p) == 0)} is empty; "
+                             "give at least one token (e.g. the BOS id)")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        model = self.model
+        device = next(model.parameters()).device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        block_size = getattr(getattr(model, "cfg", None), "block_size", None)
+        if block_size is not None:
+            if P > block_size:
+                raise ValueError(f"prompt of {P} tokens exceeds the context length block_size={block_size}")
+            max_new_tokens = min(max_new_tokens, block_size - P)  # positions stay within the trained context
+        if max_new_tokens <= 0:
+            return
+        pad = 0 if pad_id is None else pad_id
+
+        idx = torch.full((B, P), pad, dtype=torch.long)  # (B, P) left-padded
+        mask = torch.zeros((B, P), dtype=torch.long)  # (B, P) 1 = real token
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, P - len(p):] = 1
+        idx, mask = idx.to(device), mask.to(device)
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)  # (S,)
+        active = torch.ones(B, dtype=torch.bool, device=device)  # (B,) rows still generating
+
+        cache = model.make_cache(B, P + max_new_tokens, device, _cache_dtype(model, device))
+        logits = model(idx, attention_mask=mask, cache=cache)[:, -1, :]  # prefill -> (B, V)
+        for step in range(max_new_tokens):
+            nxt, logp = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
+            yield nxt, logp, active.clone()
+            active &= ~torch.isin(nxt, stop)
+            if step == max_new_tokens - 1 or not bool(active.any()):
+                break
+            feed = torch.where(active, nxt, torch.full_like(nxt, pad))  # stopped rows feed pad (ignored)
+            logits = model(feed[:, None], cache=cache)[:, -1, :]  # (B, V)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, stop_ids: Sequence[int] = (),
+                 pad_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 return_logprobs: bool = False) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` for each prompt (lists of ids) in one batch.
+
+        ``pad_id`` fills padding slots (masked out, so any valid id works; None = 0).
+        ``max_new_tokens`` is capped so prompt + answer fit the model's ``cfg.block_size``.
+        """
+        B = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        logprobs: list[list[float]] = [[] for _ in range(B)]
+        finished = [False] * B
+        stop = set(stop_ids)
+        for nxt, logp, active in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                                             pad_id, generator):
+            nxt_l, logp_l, active_l = nxt.tolist(), logp.tolist(), active.tolist()
+            for i in range(B):
+                if active_l[i]:
+                    tokens[i].append(nxt_l[i])
+                    logprobs[i].append(logp_l[i])
+                    finished[i] = nxt_l[i] in stop
+        return GenerationResult(tokens=tokens, finished=finished, logprobs=logprobs if return_logprobs else None)
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
+               top_k: Optional[int] = None, top_p: Optional[float] = None, stop_ids: Sequence[int] = (),
+               generator: Optional[torch.Generator] = None) -> Iterator[int]:
+        """Yield the new token ids of one prompt as they are produced (the final stop id included)."""
+        for nxt, _, _ in self._steps([prompt_ids], max_new_tokens, temperature, top_k, top_p, stop_ids,
+                                     None, generator):
+            yield int(nxt[0])

@@ -1,0 +1,72 @@
+"""A scalar head on the Llama trunk: per-token values (PPO critic) or sequence rewards (reward model).
+
+Module names equal transformers' ``LlamaForSequenceClassification`` with ``num_labels=1``
+(``model.*`` + ``score.weight`` of shape (1, d), no bias), so the state dict is an HF one.
+A sequence's reward is the score at its rightmost real token, as transformers reads it, for
+left- and right-padded batches alike (:func:`gather_last`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from chatforge.config import ModelConfig
+from chatforge.model.gpt import GPT, Trunk, init_trunk
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask, 1 = real token -> (B,) index of the rightmost real token (0 for an all-pad row)."""
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device)  # (T,)
+    return (idx * (attention_mask != 0).long()).argmax(dim=1)  # (B,)
+
+
+def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values (B, T), mask (B, T) -> (B,) the value at each row's rightmost real token."""
+    i = last_token_index(attention_mask)  # (B,)
+    return values.gather(1, i[:, None]).squeeze(1)  # (B,)
+
+
+class ScalarModel(nn.Module):
+    """Trunk + ``score = Linear(d, 1, bias=False)``: ids (B, T) -> per-token scalars (B, T), fp32."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.model = Trunk(cfg, vocab_size)
+        self.score = nn.Linear(cfg.n_embd, 1, bias=False)
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Trunk as in :meth:`GPT.init_weights`; the score head as a reward head (:meth:`init_score`)."""
+        init_trunk(self.model, std)
+        self.init_score()
+
+    def init_score(self, std: Optional[float] = None) -> None:
+        """Score head ~ N(0, std). None = 1/sqrt(d+1) (reward-model convention); 0 = zeros (PPO critic)."""
+        if std is None:
+            std = 1.0 / math.sqrt(self.cfg.n_embd + 1)
+        if std == 0:
+            nn.init.zeros_(self.score.weight)
+        else:
+            nn.init.normal_(self.score.weight, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx (B, T), attention_mask (B, T) 1 = real -> values (B, T) in fp32."""
+        h = self.model(idx, attention_mask)  # (B, T, C)
+        return self.score(h).squeeze(-1).float()  # (B, T)
+
+    @classmethod
+    def from_trunk(cls, gpt: GPT, score_std: Optional[float] = None) -> "ScalarModel":
+        """A new ScalarModel whose trunk is a copy of ``gpt.model`` (same device and dtype);
+        the score head is initialised by :meth:`init_score` with ``score_std``."""
+        ref = next(gpt.parameters())
+        m = cls(gpt.cfg, gpt.vocab_size).to(device=ref.device, dtype=ref.dtype)
+        m.model.load_state_dict(gpt.model.state_dict())
+        m.init_score(score_std)
+        return m

@@ -1,0 +1,122 @@
+"""Stage 1: pretrain a base model from scratch (or continue pretraining) on raw text."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from chatforge import distributed as D
+from chatforge import losses
+from chatforge.config import Config
+from chatforge.data.pretrain import TokenLoader, build_token_data, corpus_files, iter_documents, val_windows
+from chatforge.model.gpt import GPT
+from chatforge.model.hf import load_model
+from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
+from chatforge.tokenizer import ChatTokenizer, train_tokenizer
+from chatforge.trainer import Trainer
+
+TOKENIZER_SAMPLE_BYTES = 200 << 20  # BPE merges are learnt from at most this much of the corpus
+
+
+def tokenizer_for(cfg: Config, out: Path, info: D.DistInfo) -> ChatTokenizer:
+    """The tokenizer named by the config, the starting model's, or a new one trained on the corpus (rank 0)."""
+    src = cfg.tokenizer.path or cfg.model.init
+    if src:
+        return ChatTokenizer.load(src)
+    if info.is_main:
+        files = corpus_files(cfg.data.path)
+
+        def sample():
+            seen = 0
+            for doc in iter_documents(files):
+                yield doc
+                seen += len(doc)
+                if seen > TOKENIZER_SAMPLE_BYTES:
+                    return
+
+        train_tokenizer(sample(), cfg.tokenizer.vocab_size).save(out)
+    D.barrier()
+    return ChatTokenizer.load(out)
+
+
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> GPT:
+    """A fresh, initialised GPT, or the starting model of ``model.init`` (its shape wins)."""
+    if cfg.model.init:
+        model, mcfg = load_model(cfg.model.init)
+        if not isinstance(model, GPT):
+            raise SystemExit(f"error: {cfg.model.init} is not a causal language model")
+        cfg.model = mcfg
+    else:
+        model = GPT(cfg.model, vocab_size)
+        model.init_weights()
+    return model.to(device)
+
+
+def run(cfg: Config, out: str | Path) -> dict:
+    t_start = time.time()
+    out = check_out_dir(Path(out))
+    info = setup(cfg)
+    tok = tokenizer_for(cfg, out, info)
+    data = build_token_data(cfg.data.path, tok, out / "tokens", cfg.data.val_fraction,
+                            progress=info.is_main and cfg.train.progress) if info.is_main else None
+    D.barrier()
+    if data is None:
+        data = build_token_data(cfg.data.path, tok, out / "tokens", cfg.data.val_fraction, progress=False)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg, tok.vocab_size, info.device)
+    T, B, A, W = cfg.model.block_size, cfg.train.batch_size, cfg.train.grad_accum, info.world_size
+    loader = TokenLoader(data.train, T, B, sampling=cfg.data.sampling, seed=cfg.train.seed,
+                         rank=info.rank, world_size=W, source=", ".join(cfg.data.path))
+    if info.is_main:
+        print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
+              f"{data.meta['train_tokens']:,} train / {data.meta['val_tokens']:,} val tokens")
+        print(f"batch: {B} seqs x {T} tokens x {A} accumulation x {W} processes = {B * T * A * W:,} tokens per step")
+    trainer = Trainer(cfg, out, {"model": model}, info, state={"data": loader},
+                      flops_per_token=model.flops_per_token())
+    net = trainer.models["model"]
+    step_tokens = B * T * A * W
+
+    def step_fn(step: int) -> dict:
+        total = torch.zeros((), device=info.device)
+        for i, (x, y) in enumerate(loader.next(A)):
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            with trainer.micro(last=i == A - 1):
+                loss_sum, _ = losses.lm_loss(net(x), y)
+            trainer.backward(loss_sum * trainer.grad_scale() / step_tokens)
+            total += loss_sum.detach().float()
+        stats = trainer.optimizer_step()
+        loss = D.all_reduce_sum(total).item() / step_tokens
+        return {"loss": loss, "tokens": step_tokens, **stats}
+
+    def eval_fn(step: int) -> dict:
+        nll = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, token count)
+        for x, y in val_windows(data.val, T, B, cfg.train.eval_batches, info.rank, W):
+            x, y = x.to(info.device), y.to(info.device)
+            with trainer.autocast():
+                loss_sum, n = losses.lm_loss(net(x), y)
+            nll += torch.tensor([loss_sum.item(), float(n)], dtype=torch.float64)
+        nll = D.all_reduce_sum(nll)
+        if nll[1] == 0:
+            return {}
+        val_loss = (nll[0] / nll[1]).item()
+        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / data.val_bytes_per_token}
+
+    result = trainer.fit(step_fn, eval_fn if data.meta["val_tokens"] > 1 else None, desc="pretrain")
+    state = D.full_state_dict(net)
+    if info.is_main:
+        final = GPT(cfg.model, tok.vocab_size)
+        final.load_state_dict(state)
+        save_model_dir(final, out, cfg.model, tok)
+        metrics = flatten_metrics(result)
+        write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data={
+            "files": data.meta["files"], "fingerprint": data.meta["files_fingerprint"],
+            "tokenizer_fingerprint": tok.fingerprint(), "train_tokens": data.meta["train_tokens"],
+            "val_tokens": data.meta["val_tokens"]})
+        print(f"pretrain: done in {time.time() - t_start:.0f}s; " +
+              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("train_loss", "eval_val_loss", "eval_val_bpb")) +
+              f"; model written to {out}")
+    D.barrier()
+    return flatten_metrics(result)
