@@ -152,8 +152,8 @@ class SFTConfig:
     """Prompts answered (greedy and sampled) at each eval and written to metrics.jsonl."""
     max_new_tokens: int = 64
     """Length cap of those eval answers."""
-    packing: bool = False
-    """Pack several conversations per row (document-masked) instead of length bucketing."""
+    n_eval_prompts: int = 4
+    """When eval_prompts is empty: answer the prompts of the first N held-out conversations (0 = none)."""
 
 
 @dataclass

@@ -1,15 +1,22 @@
 """torchrun detection, process-group set-up, model wrapping and cross-rank reductions.
 
 The same code runs as one plain process or under ``torchrun --nproc_per_node=N``: when
-``WORLD_SIZE`` > 1 a process group is created with a timeout, so that a mismatched
-collective fails instead of hanging.
+``WORLD_SIZE`` > 1 a process group is created with a timeout (``dist.timeout_s``), so that a
+mismatched collective fails instead of hanging. :func:`barrier` -- where ranks wait for rank 0
+to finish some I/O (training the tokenizer, tokenizing the corpus, writing a checkpoint) --
+runs on a second, CPU (gloo) group with a longer timeout (``dist.wait_timeout_s``, at least
+one hour), so that slow rank-0 work does not trip the training timeout.
+
+Every helper here is a no-op (or the identity) in a single process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,8 +54,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+MIN_WAIT_TIMEOUT_S = 3600.0  # floor of the barrier timeout: rank-0 I/O may take long
+
+_wait_group = None  # the gloo group of barrier(), created by init()
+
+
 def init(cfg: DistConfig, device: str = "auto") -> DistInfo:
     """Join the torchrun process group if there is one; return this process's rank info."""
+    global _wait_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -62,17 +75,22 @@ def init(cfg: DistConfig, device: str = "auto") -> DistInfo:
             timeout=datetime.timedelta(seconds=cfg.timeout_s),
             device_id=dev if dev.type == "cuda" else None,
         )
+        wait_s = getattr(cfg, "wait_timeout_s", None) or max(cfg.timeout_s, MIN_WAIT_TIMEOUT_S)
+        _wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
 def shutdown() -> None:
+    global _wait_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _wait_group = None
 
 
 def barrier() -> None:
+    """Wait for every rank (e.g. for rank 0's I/O); on the long-timeout gloo group when there is one."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_wait_group)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +117,28 @@ def all_gather_objects(obj):
     return out
 
 
+def global_mean_var(x: torch.Tensor, mask: Optional[torch.Tensor] = None, unbiased: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the entries of ``x`` where ``mask`` == 1, over ALL ranks (scalars).
+
+    x, mask: any shape (mask None = every entry). One all-reduce of (count, sum, sum of squares)
+    in float64, so whitening with these (``losses.whiten(x, mask, mean=m, var=v)``) gives every
+    rank the statistics of the global batch; in one process they equal ``masked_mean``/``masked_var``.
+    """
+    xf = x.detach().double()
+    m = torch.ones_like(xf) if mask is None else mask.detach().to(xf.dtype)
+    stats = torch.stack([m.sum(), (xf * m).sum(), (xf * xf * m).sum()])  # (3,)
+    n, s, ss = all_reduce_sum(stats).tolist()
+    if n == 0 or (unbiased and n == 1):
+        raise ValueError(f"chatforge.distributed.global_mean_var: need at least {2 if unbiased else 1} "
+                         f"masked entries over all ranks, got {int(n)}")
+    mean = s / n
+    var = max(ss / n - mean * mean, 0.0)
+    if unbiased:
+        var = var * n / (n - 1)
+    return torch.tensor(mean, dtype=x.dtype, device=x.device), torch.tensor(var, dtype=x.dtype, device=x.device)
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj
@@ -108,20 +148,63 @@ def broadcast_object(obj, src: int = 0):
 
 
 def wrap(model: nn.Module, info: DistInfo, strategy: str, mixed_bf16: bool = False) -> nn.Module:
-    """Wrap a trainable model for data parallelism: DDP, or FSDP2 ``fully_shard`` per block."""
+    """Wrap a trainable model for data parallelism: DDP, or FSDP2 ``fully_shard`` per block.
+
+    FSDP2: each transformer block (``model.model.layers[i]``) is one shard group and the root
+    (embeddings, final norm, heads) another; with ``mixed_bf16`` the weights are gathered in
+    bf16 and gradients reduced in fp32 (the master weights and optimizer stay fp32). The module
+    is sharded in place, so a ``torch.compile`` wrapper given here keeps working on it.
+    """
     if not info.enabled:
         return model
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else MixedPrecisionPolicy()
-        trunk = getattr(model, "model", model)
+        raw = unwrap(model)
+        trunk = getattr(raw, "model", raw)
         for block in getattr(trunk, "layers", []):
             fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+        fully_shard(raw, mp_policy=mp)
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # buffers (RoPE tables) are the same on every rank: no broadcast, so forward holds no collective
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """True for a module sharded by FSDP2 ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return isinstance(unwrap(model), FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """The plain module, with FSDP2 parameters gathered for the whole block (e.g. generation).
+
+    Under FSDP2 every forward all-gathers the weights, a collective: ranks that decode a
+    different number of steps (their rows stop at different lengths) would hang. Inside this
+    context the weights are gathered once and stay gathered, so each rank may run as many
+    forwards as it likes; they are resharded on exit. Costs one full copy of the model's
+    weights per rank while it lasts. DDP / single process: just :func:`unwrap`.
+    """
+    raw = unwrap(model)
+    if not is_fsdp(raw):
+        yield raw
+        return
+    fsdp_mods = [m for m in raw.modules() if is_fsdp(m)]
+    for m in fsdp_mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()  # all-gathers this module's weights (every rank enters this context together)
+    try:
+        yield raw
+    finally:
+        for m in fsdp_mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -136,12 +219,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A full (unsharded) CPU state dict; collective under FSDP2, so every rank must call it."""
+    """A full (unsharded) CPU state dict; collective under FSDP2, so every rank must call it.
+
+    Under FSDP2 the shards are gathered one tensor at a time to rank 0's CPU memory, and the
+    other ranks get an empty dict (only rank 0 writes model directories).
+    """
     model = unwrap(model)
-    sd = model.state_dict()
-    out = {}
-    for k, v in sd.items():
-        if hasattr(v, "full_tensor"):  # a DTensor shard of FSDP2
-            v = v.full_tensor()
-        out[k] = v.detach().to("cpu")
-    return out
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}

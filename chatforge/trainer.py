@@ -49,6 +49,17 @@ class Interrupted(RuntimeError):
     """SIGINT/SIGTERM: a checkpoint was saved; the same command resumes."""
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
 def lr_multiplier(step: int, oc: OptimConfig, max_steps: int) -> float:
     """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` (or flat for 'constant')."""
     if step < oc.warmup_steps:
@@ -193,16 +204,18 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------
 
     def _model_and_optim_states(self) -> tuple[dict, dict]:
-        if self.info.enabled and self.cfg.dist.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        """Full (unsharded) model and optimizer states keyed by parameter names, on the CPU.
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            models, optims = {}, {}
-            for name, m in self.models.items():
-                models[name], optims[name] = get_state_dict(m, self.optimizers[name], options=opts)
-            return models, optims
-        models = {name: D.unwrap(m).state_dict() for name, m in self.models.items()}
-        optims = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        The same format for one process, DDP and FSDP2 (torch.distributed.checkpoint's
+        state-dict API strips the DDP/compile wrappers and gathers FSDP2 shards), so a
+        checkpoint resumes under any strategy and world size. Collective: every rank calls it.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        models, optims = {}, {}
+        for name, m in self.models.items():
+            models[name], optims[name] = get_state_dict(m, self.optimizers[name], options=opts)
         return models, optims
 
     def save_checkpoint(self) -> None:
@@ -241,27 +254,50 @@ class Trainer:
                 f"{self.out}/checkpoint was written by a model with other {', '.join(diff)}; "
                 f"use another --out or delete the checkpoint folder to start over"
             )
-        if self.info.enabled and self.cfg.dist.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            for name, m in self.models.items():
-                set_state_dict(m, self.optimizers[name], model_state_dict=ckpt["models"][name],
-                               optim_state_dict=ckpt["optimizers"][name], options=opts)
-        else:
-            for name, m in self.models.items():
-                D.unwrap(m).load_state_dict(ckpt["models"][name])
-                self.optimizers[name].load_state_dict(ckpt["optimizers"][name])
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        for name, m in self.models.items():
+            set_state_dict(m, self.optimizers[name], model_state_dict=ckpt["models"][name],
+                           optim_state_dict=ckpt["optimizers"][name], options=opts)
         for k, v in self.state.items():
             if k in ckpt["state"]:
                 v.load_state_dict(ckpt["state"][k])
-        rngs = ckpt["rng"]
-        set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
         self.step, self.elapsed = ckpt["step"], ckpt.get("elapsed", 0.0)
+        rngs = ckpt["rng"]
+        if self.info.rank < len(rngs):
+            set_rng_state(rngs[self.info.rank])
+        else:  # a rank the saving run did not have: a fresh stream of its own, not a copy of rank 0's
+            seed_all(self.cfg.train.seed + self.info.rank + 1_000_003 * self.step)
+        self._check_world_change(ckpt)
         if self.info.is_main:
             self.log.truncate(self.step)
         D.barrier()
         return True
+
+    def _check_world_change(self, ckpt: dict) -> None:
+        """Tell (rank 0) when a checkpoint resumes under another world size or global batch.
+
+        Pretraining's TokenLoader and the BucketBatcher draw whole global batches of
+        batch_size x grad_accum x world_size examples and slice them by rank, so a resume whose
+        global batch is unchanged (e.g. 2 ranks x accum 1 -> 1 rank x accum 2) continues the
+        exact data order; another global batch continues with valid but different batches.
+        """
+        saved_w = int(ckpt.get("world_size", 1))
+        saved_train = ckpt.get("config", {}).get("train", {})
+        tc, W = self.cfg.train, self.info.world_size
+        saved_g = saved_train.get("batch_size", tc.batch_size) * saved_train.get("grad_accum", tc.grad_accum) * saved_w
+        now_g = tc.batch_size * tc.grad_accum * W
+        if not self.info.is_main or (saved_w == W and saved_g == now_g):
+            return
+        if saved_g == now_g:
+            print(f"resume: checkpoint of {saved_w} processes resumed on {W}; the global batch "
+                  f"({now_g} = batch_size x grad_accum x processes) is unchanged, so the data order continues exactly")
+        else:
+            print(f"resume: warning: the global batch changed from {saved_g} to {now_g} "
+                  f"(batch_size x grad_accum x processes; {saved_w} -> {W} processes); training continues "
+                  f"but the batches differ from an uninterrupted run. Keep batch_size x grad_accum x processes "
+                  f"equal for an exact resume")
 
     # ---- the loop ------------------------------------------------------------------------
 

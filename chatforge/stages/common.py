@@ -109,9 +109,43 @@ def special_ids(tok) -> dict:
     return {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eot_id, "end_id": tok.end_id}
 
 
-def save_model_dir(model, out: Path, model_cfg, tok, generation: Optional[dict] = None) -> None:
-    """Write a complete Hugging Face model directory: weights, config, generation config, tokenizer."""
-    from chatforge.model.hf import save_model
+def save_model_dir(model, out: Path, model_cfg, tok, generation: Optional[dict] = None, *,
+                   state: Optional[dict] = None) -> None:
+    """Write a complete Hugging Face model directory: weights, config, generation config, tokenizer.
 
-    save_model(model, out, model_cfg, tok.vocab_size, special_ids(tok), generation)
+    ``model``: the trained model (a DDP/compile wrapper is stripped): native GPT / ScalarModel
+    (model/hf.save_model) or a wrapped transformers model (save_pretrained). With LoRA adapters
+    (model/lora.apply_lora) the adapters are merged into the weights when ``lora.merge`` (a plain HF
+    directory); otherwise the base weights are written and the adapter goes to ``<out>/adapter/``
+    (peft format; load_causal_lm merges it back on load). ``state``: a full state dict to write
+    instead of ``model``'s own (FSDP: pass ``D.full_state_dict(net)``, gathered on every rank).
+    """
+    from chatforge.model import lora as L
+    from chatforge.model.hf import save_model
+    from chatforge.model.hf_causal import HFCausalLM, HFScalarModel, fresh_like, save_hf_model
+
+    out = Path(out)
+    model = D.unwrap(model)
+    if state is not None:
+        fresh = fresh_like(model)
+        if any("lora_" in k for k in state):
+            L.apply_lora(fresh, model.lora_config)
+        fresh.load_state_dict(state)
+        model = fresh
+    adapter = None
+    if L.has_lora(model):
+        if model.lora_config.merge:
+            model = L.merged_copy(model)
+        else:
+            adapter, model = model, L.base_copy(model)
+    if isinstance(model, (HFCausalLM, HFScalarModel)):
+        save_hf_model(model, out, special_ids(tok), generation)
+    else:
+        save_model(model, out, model_cfg, model.vocab_size, special_ids(tok), generation)
     tok.save(out, model_max_length=model_cfg.block_size)
+    if adapter is not None:
+        L.save_adapter(adapter, out / L.ADAPTER_DIR)
+    elif (out / L.ADAPTER_DIR).is_dir():  # a stale adapter from an earlier unmerged save
+        import shutil
+
+        shutil.rmtree(out / L.ADAPTER_DIR)

@@ -1,0 +1,1 @@
+"""Reinforcement learning from feedback: rollouts, rewards, KL control and the pieces PPO and GRPO/RLOO share."""

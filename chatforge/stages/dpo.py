@@ -1,0 +1,179 @@
+"""DPO: preference optimisation of the SFT policy against a frozen copy of itself, without a reward model.
+
+Per pair, with sequence log-probs of the response tokens (the answer and its <|end|>):
+    h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))
+    sigmoid (DPO):  -log sigmoid(beta * h)            log-probs summed over the response tokens
+    ipo (IPO):      (h - 1 / (2 beta))^2               log-probs averaged per response token (as TRL does)
+Losses are summed and divided by the global pair count of the step. Chosen and rejected go
+through one forward pass (2B rows). The reference is the starting model, frozen; with
+``dpo.precompute_ref`` its log-probs of every train and held-out pair are computed once before
+training and the reference model is freed.
+
+Metrics: implicit rewards beta * (log pi - log ref) of chosen and rejected, their margin,
+preference accuracy (chosen reward > rejected reward; at step 0 every pair ties, so 0), and the
+drift of the chosen responses: (log pi - log ref) of their tokens per token (negative = the policy
+moved probability away from the chosen answers, a known DPO failure mode).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from chatforge import distributed as D
+from chatforge import losses
+from chatforge.config import Config, ConfigError
+from chatforge.data.batching import BucketBatcher, eval_batches
+from chatforge.data.pairs import PairBatch, TokenPair, collate_pairs, load_pair_data, pair_lengths
+from chatforge.model.hf_causal import fresh_like
+from chatforge.model.load import load_causal_lm
+from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
+from chatforge.trainer import Trainer
+
+
+def response_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token log-probs (2B,), response token counts (2B,)) in fp32.
+
+    Right padding + causal attention: the fast path without a mask is exact on real tokens.
+    """
+    logits = model(batch.ids)  # (2B, T, V)
+    lp = losses.token_logprobs(logits[:, :-1], batch.ids[:, 1:])  # (2B, T-1): log p(token t+1 | <= t)
+    m = batch.response_mask[:, 1:].float()  # (2B, T-1): targets that are response tokens
+    return (lp * m).sum(1), m.sum(1)
+
+
+class RefLogps:
+    """Reference log-prob sums of chosen/rejected per example, computed once (``dpo.precompute_ref``)."""
+
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor):
+        self.chosen, self.rejected = chosen, rejected  # (N,) fp32 each
+
+    @classmethod
+    @torch.inference_mode()
+    def compute(cls, ref: torch.nn.Module, pairs: list[TokenPair], pad_id: int, batch_size: int,
+                rank: int, world: int, device) -> "RefLogps":
+        """Each rank scores its share of ``pairs``; the results are gathered on every rank."""
+        mine: dict[int, tuple[float, float]] = {}
+        for idx in eval_batches(pair_lengths(pairs), batch_size, rank, world):
+            batch = collate_pairs([pairs[j] for j in idx], pad_id).to(device)
+            s, _ = response_logps(ref, batch)  # (2b,)
+            b = len(idx)
+            for k, j in enumerate(idx):
+                mine[j] = (s[k].item(), s[b + k].item())
+        allv: dict[int, tuple[float, float]] = {}
+        for part in D.all_gather_objects(mine):
+            allv.update(part)
+        c = torch.tensor([allv[i][0] for i in range(len(pairs))], dtype=torch.float32)
+        r = torch.tensor([allv[i][1] for i in range(len(pairs))], dtype=torch.float32)
+        return cls(c, r)
+
+    def get(self, idx: list[int], device) -> torch.Tensor:
+        """(2B,) reference sums in batch row order (chosen rows, then rejected rows)."""
+        return torch.cat([self.chosen[idx], self.rejected[idx]]).to(device)
+
+
+def run(cfg: Config, out: str | Path) -> dict:
+    t_start = time.time()
+    if not cfg.model.init:
+        raise ConfigError("dpo: --model.init is required (the SFT model directory to optimise)")
+    if cfg.dpo.beta <= 0:
+        raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
+    out = check_out_dir(Path(out))
+    info = setup(cfg)
+    policy, cfg.model, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
+    ref: Optional[torch.nn.Module] = copy.deepcopy(policy).eval().requires_grad_(False)
+    data = load_pair_data(cfg.data, tok, cfg.model.block_size, verbose=info.is_main)
+    B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
+    step_pairs = B * A * W
+    beta, loss_type = cfg.dpo.beta, cfg.dpo.loss
+    batcher = BucketBatcher(pair_lengths(data.train), B, A, seed=cfg.train.seed, rank=info.rank, world_size=W)
+    pre: dict[str, RefLogps] = {}
+    if cfg.dpo.precompute_ref:
+        t0 = time.time()
+        pre = {name: RefLogps.compute(ref, pairs, tok.pad_id, B, info.rank, W, info.device)
+               for name, pairs in (("train", data.train), ("val", data.val)) if pairs}
+        ref = None  # freed: every reference log-prob the run needs is in `pre`
+        if info.is_main:
+            print(f"dpo: reference log-probs of {len(data.train) + len(data.val):,} pairs precomputed in "
+                  f"{time.time() - t0:.1f}s; reference model freed")
+    if info.is_main:
+        print(f"dpo: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(data.train):,} train / {len(data.val):,} held-out pairs; loss {loss_type}, beta {beta}; "
+              f"batch {B} pairs x {A} accumulation x {W} processes = {step_pairs} pairs per step")
+    trainer = Trainer(cfg, out, {"model": policy}, info, state={"data": batcher})
+    net = trainer.models["model"]
+
+    def ref_sums(split: str, idx: list[int], batch: PairBatch) -> torch.Tensor:
+        if split in pre:
+            return pre[split].get(idx, info.device)  # (2B,)
+        with torch.inference_mode():
+            return response_logps(ref, batch)[0].clone()  # (2B,)
+
+    def pair_terms(model, split: str, idx: list[int], batch: PairBatch):
+        """(per-pair losses (B,), chosen rewards (B,), rejected rewards (B,), policy sums (2B,), ref sums (2B,), counts (2B,))."""
+        pi, n = response_logps(model, batch)  # (2B,), (2B,)
+        rf = ref_sums(split, idx, batch)  # (2B,)
+        k = len(idx)
+        if loss_type == "ipo":  # per-token averages, as TRL passes them to the IPO loss
+            l, _, _ = losses.dpo(pi[:k] / n[:k], pi[k:] / n[k:], rf[:k] / n[:k], rf[k:] / n[k:], beta, "ipo")
+            _, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")  # implicit rewards: sums
+        else:
+            l, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")
+        return l, rc, rr, pi.detach(), rf, n
+
+    def sums(l, rc, rr, pi, rf, n, k: int) -> torch.Tensor:
+        """This batch's sums: loss, chosen reward, rejected reward, correct, chosen drift, chosen tokens, tokens."""
+        return torch.tensor([l.sum().item(), rc.sum().item(), rr.sum().item(), (rc > rr).sum().item(),
+                             (pi[:k] - rf[:k]).sum().item(), n[:k].sum().item(), n.sum().item()], dtype=torch.float64)
+
+    def summary(acc: torch.Tensor, n_pairs: float, prefix: str = "") -> dict:
+        return {f"{prefix}loss": acc[0].item() / n_pairs, f"{prefix}reward_chosen": acc[1].item() / n_pairs,
+                f"{prefix}reward_rejected": acc[2].item() / n_pairs,
+                f"{prefix}margin": (acc[1].item() - acc[2].item()) / n_pairs,
+                f"{prefix}accuracy": acc[3].item() / n_pairs,
+                f"{prefix}chosen_drift": acc[4].item() / max(acc[5].item(), 1.0)}
+
+    def step_fn(step: int) -> dict:
+        acc = torch.zeros(7, dtype=torch.float64)
+        micro = batcher.next()
+        for i, idx in enumerate(micro):
+            batch = collate_pairs([data.train[j] for j in idx], tok.pad_id).to(info.device)
+            with trainer.micro(last=i == len(micro) - 1):
+                l, rc, rr, pi, rf, n = pair_terms(net, "train", idx, batch)
+            trainer.backward(l.sum() * trainer.grad_scale() / step_pairs)
+            acc += sums(l, rc, rr, pi, rf, n, len(idx))
+        stats = trainer.optimizer_step()
+        acc = D.all_reduce_sum(acc)
+        return {**summary(acc, float(step_pairs)), "tokens": acc[6].item(), **stats}
+
+    def eval_fn(step: int) -> dict:
+        acc = torch.zeros(8, dtype=torch.float64)  # the 7 sums + pair count
+        for idx in eval_batches(pair_lengths(data.val), B, info.rank, W, cfg.train.eval_batches):
+            batch = collate_pairs([data.val[j] for j in idx], tok.pad_id).to(info.device)
+            with trainer.autocast():
+                terms = pair_terms(net, "val", idx, batch)
+            acc[:7] += sums(*terms, len(idx))
+            acc[7] += len(idx)
+        acc = D.all_reduce_sum(acc)
+        if acc[7] == 0:
+            return {}
+        return {**summary(acc, acc[7].item(), "val_"), "val_pairs": int(acc[7].item())}
+
+    result = trainer.fit(step_fn, eval_fn if data.val else None, desc="dpo")
+    state = D.full_state_dict(net)
+    metrics = flatten_metrics(result)
+    if info.is_main:
+        final = fresh_like(D.unwrap(net))  # an unsharded copy holding the full weights
+        final.load_state_dict(state)
+        save_model_dir(final, out, cfg.model, tok)
+        write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data=data.meta)
+        print(f"dpo: done in {time.time() - t_start:.0f}s; " +
+              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                        if k in ("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin",
+                                 "eval_val_chosen_drift")) + f"; model written to {out}")
+    D.barrier()
+    return metrics

@@ -1,0 +1,187 @@
+"""Stage 3: a reward model on preference pairs (Bradley-Terry), initialised from the SFT model.
+
+The model is the SFT trunk plus a scalar head ``score`` ~ N(0, 1/sqrt(d+1)). A sequence's reward
+is the head's output at its last real token, which is the response's ``<|end|>`` (sequences are
+right-padded and end exactly there, as transformers' LlamaForSequenceClassification reads them).
+Chosen and rejected sequences of a pair share one forward pass. Loss per pair
+``-log sigmoid(r_c - r_r - margin)``, summed and divided by the global pair count of the step.
+
+After training, the mean and std of the rewards of a reference set (held-out then training
+responses, chosen and rejected, up to ``rm.norm_samples``) are stored in chatforge.json as
+``reward_norm``, so that ``(r - mean) / std`` has mean 0 and std 1 there (used by PPO/GRPO).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from chatforge import distributed as D
+from chatforge import losses
+from chatforge.config import Config, ConfigError
+from chatforge.data.batching import BucketBatcher, eval_batches, pad
+from chatforge.data.pairs import PairData, collate_pairs, load_pair_data, pair_lengths
+from chatforge.model.heads import gather_last
+from chatforge.model.hf_causal import fresh_like
+from chatforge.model.load import load_causal_lm, scalar_from_causal
+from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
+from chatforge.trainer import Trainer
+
+
+def pair_rewards(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen (B,), r_rejected (B,)) of a right-padded PairBatch, read at each row's last real token.
+
+    Right padding and causal attention: padding sits after every real token, so it cannot change
+    them and the fast causal path (no mask) is exact; gather_last picks the <|end|> position.
+    """
+    values = model(batch.ids)  # (2B, T) fp32
+    r = gather_last(values, batch.attention_mask)  # (2B,)
+    B = batch.num_pairs
+    return r[:B], r[B:]
+
+
+def calibration_table(r_c: torch.Tensor, r_r: torch.Tensor, bins: int) -> tuple[list[dict], float]:
+    """Reliability of P(a > b) = sigmoid(r_a - r_b) on held-out pairs.
+
+    Each pair is counted in both orders: (chosen, rejected) with outcome 1 and probability p, and
+    (rejected, chosen) with outcome 0 and probability 1 - p, so the table is symmetric about 0.5 and
+    ``observed`` is the frequency with which the first response was the chosen one. Returns the
+    rows ``{lo, hi, n, predicted, observed}`` of non-empty bins and the expected calibration error.
+    """
+    p = torch.sigmoid((r_c - r_r).double())  # (N,)
+    probs = torch.cat([p, 1 - p])  # (2N,)
+    outcome = torch.cat([torch.ones_like(p), torch.zeros_like(p)])  # (2N,)
+    idx = (probs * bins).long().clamp(max=bins - 1)  # (2N,)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        sel = idx == b
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        pred, obs = probs[sel].mean().item(), outcome[sel].mean().item()
+        rows.append({"lo": b / bins, "hi": (b + 1) / bins, "n": n, "predicted": round(pred, 4), "observed": round(obs, 4)})
+        ece += n / len(probs) * abs(pred - obs)
+    return rows, ece
+
+
+@torch.inference_mode()
+def score_sequences(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Rewards (N,) fp32 of whole sequences (each read at its last token), in length-sorted batches."""
+    device = next(model.parameters()).device
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        ids = pad([seqs[i] for i in idx], pad_id, "right").to(device)  # (b, T)
+        mask = pad([[1] * len(seqs[i]) for i in idx], 0, "right").to(device)  # (b, T)
+        out[idx] = gather_last(model(ids), mask).float().cpu()  # (b,)
+    return out
+
+
+def reference_sequences(data: PairData, n: int) -> list[list[int]]:
+    """Up to ``n`` prompt+response sequences: held-out pairs first, then training pairs, both sides."""
+    seqs: list[list[int]] = []
+    for p in list(data.val) + list(data.train):
+        if len(seqs) >= n:
+            break
+        seqs += [p.prompt + p.chosen, p.prompt + p.rejected]
+    return seqs[:n]
+
+
+def reward_norm(model: torch.nn.Module, data: PairData, n: int, pad_id: int) -> dict:
+    """{"mean", "std", "n"} of the rewards of the reference set (std floored at 1e-6)."""
+    r = score_sequences(model, reference_sequences(data, n), pad_id)
+    std = r.std().item() if len(r) > 1 else 1.0
+    return {"mean": r.mean().item(), "std": max(std, 1e-6), "n": len(r)}
+
+
+def run(cfg: Config, out: str | Path) -> dict:
+    t_start = time.time()
+    if not cfg.model.init:
+        raise ConfigError("rm: --model.init is required (the SFT model directory the reward model starts from)")
+    out = check_out_dir(Path(out))
+    info = setup(cfg)
+    policy, cfg.model, tok = load_causal_lm(cfg.model.init, "cpu", trust_remote_code=cfg.model.trust_remote_code)
+    data = load_pair_data(cfg.data, tok, cfg.model.block_size, verbose=info.is_main)
+    torch.manual_seed(cfg.train.seed)  # the same score head on every rank
+    model = scalar_from_causal(policy, score_std=None).to(info.device)
+    del policy
+    B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
+    step_pairs = B * A * W  # BucketBatcher always fills every micro-batch
+    lengths = pair_lengths(data.train)
+    batcher = BucketBatcher(lengths, B, A, seed=cfg.train.seed, rank=info.rank, world_size=W)
+    if info.is_main:
+        print(f"rm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(data.train):,} train / {len(data.val):,} held-out pairs; "
+              f"batch {B} pairs x {A} accumulation x {W} processes = {step_pairs} pairs per step")
+    trainer = Trainer(cfg, out, {"model": model}, info, state={"data": batcher})
+    net = trainer.models["model"]
+    margin = cfg.rm.margin
+
+    def step_fn(step: int) -> dict:
+        # sums over this rank's pairs: loss, correct, margin, reward, reward^2, tokens
+        acc = torch.zeros(6, dtype=torch.float64)
+        micro = batcher.next()
+        for i, idx in enumerate(micro):
+            batch = collate_pairs([data.train[j] for j in idx], tok.pad_id).to(info.device)
+            with trainer.micro(last=i == len(micro) - 1):
+                r_c, r_r = pair_rewards(net, batch)  # (B,), (B,)
+                loss = losses.bradley_terry(r_c, r_r, margin).sum()
+            trainer.backward(loss * trainer.grad_scale() / step_pairs)
+            r = torch.cat([r_c, r_r]).detach().double()
+            acc += torch.tensor([loss.item(), (r_c > r_r).sum().item(), (r_c - r_r).sum().item(),
+                                 r.sum().item(), (r * r).sum().item(), batch.attention_mask.sum().item()],
+                                dtype=torch.float64)
+        stats = trainer.optimizer_step()
+        acc = D.all_reduce_sum(acc)
+        n = float(step_pairs)
+        mean = acc[3].item() / (2 * n)
+        var = max(acc[4].item() / (2 * n) - mean * mean, 0.0)
+        return {"loss": acc[0].item() / n, "accuracy": acc[1].item() / n, "margin": acc[2].item() / n,
+                "reward_mean": mean, "reward_std": math.sqrt(var), "tokens": acc[5].item(), **stats}
+
+    def eval_rewards() -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_chosen, r_rejected) of every held-out pair (up to train.eval_batches), gathered from all ranks."""
+        rc, rr = [], []
+        for idx in eval_batches(pair_lengths(data.val), B, info.rank, W, cfg.train.eval_batches):
+            batch = collate_pairs([data.val[j] for j in idx], tok.pad_id).to(info.device)
+            with trainer.autocast():
+                c, r = pair_rewards(net, batch)
+            rc += c.float().cpu().tolist()
+            rr += r.float().cpu().tolist()
+        parts = D.all_gather_objects((rc, rr))
+        return (torch.tensor([x for p in parts for x in p[0]], dtype=torch.float64),
+                torch.tensor([x for p in parts for x in p[1]], dtype=torch.float64))
+
+    def eval_fn(step: int) -> dict:
+        r_c, r_r = eval_rewards()
+        if len(r_c) == 0:
+            return {}
+        table, ece = calibration_table(r_c, r_r, cfg.rm.calibration_bins)
+        r = torch.cat([r_c, r_r])
+        return {"val_loss": losses.bradley_terry(r_c, r_r, margin).mean().item(),
+                "val_accuracy": losses.preference_accuracy(r_c, r_r).item(),
+                "val_margin": (r_c - r_r).mean().item(),
+                "val_reward_mean": r.mean().item(), "val_reward_std": r.std().item() if len(r) > 1 else 0.0,
+                "val_ece": ece, "val_pairs": len(r_c), "calibration": table}
+
+    result = trainer.fit(step_fn, eval_fn if data.val else None, desc="rm")
+    state = D.full_state_dict(net)
+    metrics = flatten_metrics(result)
+    if info.is_main:
+        final = fresh_like(D.unwrap(net))  # an unsharded copy holding the full weights
+        final.load_state_dict(state)
+        final.eval()
+        norm = reward_norm(final, data, cfg.rm.norm_samples, tok.pad_id)
+        save_model_dir(final, out, cfg.model, tok)
+        extra = {"reward_norm": norm, "calibration": (result.get("eval") or {}).get("calibration", [])}
+        write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data=data.meta, extra=extra)
+        print(f"rm: done in {time.time() - t_start:.0f}s; " +
+              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                        if k in ("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin")) +
+              f"; reward mean {norm['mean']:.4g} std {norm['std']:.4g}; model written to {out}")
+    D.barrier()
+    return metrics
