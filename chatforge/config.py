@@ -144,6 +144,8 @@ class DistConfig:
     """Process-group backend: 'auto' (nccl on CUDA, else gloo), 'nccl' or 'gloo'."""
     timeout_s: float = 300.0
     """Process-group timeout: a mismatched collective fails after this instead of hanging."""
+    wait_timeout_s: Optional[float] = None
+    """Timeout of barriers around rank-0-only work (tokenizing, saving); None = max(3600, timeout_s)."""
 
 
 @dataclass
@@ -255,7 +257,8 @@ class DemoConfig:
     n_sft: int = 4000
     """SFT conversations."""
     n_pairs: int = 3000
-    """Preference pairs."""
+    """Controlled variant preference pairs (preferences.jsonl, labelled with `label_noise`); the pipeline adds
+    them to the pairs sampled from the SFT model for the reward model (0 = none)."""
     label_noise: float = 0.1
     """Fraction of preference labels flipped."""
     n_rl_prompts: int = 2000
@@ -264,6 +267,15 @@ class DemoConfig:
     """Held-out evaluation prompts (disjoint from every training split)."""
     eval_max_new_tokens: int = 48
     """Length cap of evaluation answers."""
+    eval_batch_size: int = 100
+    """Prompts generated together (one engine batch) during evaluation and pair sampling."""
+    n_sampled_pair_prompts: int = 1500
+    """RM training pairs sampled from the SFT model: prompts answered twice (temperature 1) and labelled by
+    the gold judge with `label_noise` (ties dropped). 0 = use only the controlled variant pairs."""
+    n_heldout_pairs: int = 400
+    """Held-out RM pairs: SFT samples on the evaluation prompts with noise-free gold labels (ties dropped)."""
+    dpo: bool = False
+    """The pipeline also runs the dpo stage (SFT + the same preference pairs) into dpo/."""
 
 
 @dataclass

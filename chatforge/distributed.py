@@ -73,7 +73,7 @@ def init(cfg: DistConfig, device: str = "auto") -> DistInfo:
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=cfg.timeout_s),
-            device_id=dev if dev.type == "cuda" else None,
+            device_id=dev if dev.type == "cuda" and backend == "nccl" else None,
         )
         wait_s = getattr(cfg, "wait_timeout_s", None) or max(cfg.timeout_s, MIN_WAIT_TIMEOUT_S)
         _wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))

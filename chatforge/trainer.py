@@ -323,8 +323,11 @@ class Trainer:
                         "eval_s": round(time.time() - t0, 3), **res})
         return res
 
-    def fit(self, step_fn: StepFn, eval_fn: Optional[EvalFn] = None, *, desc: str = "train") -> dict:
-        """Run (or resume) the loop to train.max_steps; returns the last train and eval metrics."""
+    def fit(self, step_fn: StepFn, eval_fn: Optional[EvalFn] = None, *, desc: str = "train",
+            show: tuple[str, ...] = ()) -> dict:
+        """Run (or resume) the loop to train.max_steps; returns the last train and eval metrics.
+
+        ``show``: extra keys of the step metrics to display on the progress bar (e.g. reward, kl)."""
         tc = self.cfg.train
         resumed = self.resume()
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -371,6 +374,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     post = {"loss": f"{loss:.4f}"}
+                    post.update({k: f"{metrics[k]:.4g}" for k in show if isinstance(metrics.get(k), (int, float))})
                     span = time.time() - window_t
                     if window_tokens and span > 0:
                         post["tok/s"] = f"{window_tokens / span:,.0f}"

@@ -171,9 +171,11 @@ def test_written_directories_load_in_transformers(model_dirs, family, tmp_path):
                 n = int(mask[i].sum())
                 idx[i] = torch.cat([idx[i, -n:], torch.full((len(idx[i]) - n,), tok.pad_id)])
                 mask[i] = torch.cat([torch.ones(n), torch.zeros(len(mask[i]) - n)]).long()
+        pos = (mask.cumsum(1) - 1).clamp(min=0)  # GPT-2's absolute positions: number the real tokens from 0
         with torch.no_grad():
             ours = gather_last(rm(idx, mask), mask)
-            torch.testing.assert_close(seq(idx, attention_mask=mask).logits.squeeze(-1), ours, atol=ATOL, rtol=0)
+            theirs = seq(idx, attention_mask=mask, position_ids=pos).logits.squeeze(-1)
+            torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
     assert ours.std() > 1e-3
     rm2, _, _ = load_scalar_model(tmp_path / "rm")
     with torch.no_grad():
@@ -271,9 +273,14 @@ def test_lora_on_reward_model_trains_score_and_keeps_base_frozen(model_dirs, tmp
     rm = apply_lora(scalar_from_causal(m), LoraConfig(r=2, target_modules=["all-linear"]))
     trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
     assert "hf.score.weight" in trainable and all("lora_" in n or "score" in n for n in trainable)
-    assert not shares_base(rm)
-    with pytest.raises(TypeError, match="already has LoRA"):
-        scalar_from_causal(apply_lora(m, LoraConfig(r=2)))
+    assert not shares_base(rm)  # the score head trains: the base is not the whole model
+    apply_lora(m, LoraConfig(r=2))
+    critic = scalar_from_causal(m, score_std=0.0)  # from a LoRA policy: its merged trunk, no adapters
+    assert not has_lora(critic) and has_lora(m)
+    x = torch.randint(0, tok.vocab_size, (1, 6))
+    with torch.no_grad():
+        assert critic(x).abs().max() == 0  # zero score head (PPO critic)
+        torch.testing.assert_close(critic.model(x).last_hidden_state, m.model(x).last_hidden_state, atol=ATOL, rtol=0)
 
 
 def test_lora_with_added_chat_tokens_trains_embeddings_and_copies_reference(tmp_path):
@@ -342,3 +349,70 @@ def test_architecture_without_sequence_classification_cannot_be_a_reward_model(t
     with pytest.raises(NoRewardHeadError, match="cannot serve as a reward model") as e:  # ... not as an RM
         scalar_from_causal(m)
     assert str(tmp_path) in str(e.value) and "codegen" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ stages on each family
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from chatforge.demo.files import write_world
+
+    return write_world(tmp_path_factory.mktemp("world"), seed=0, corpus_mb=0.01, n_sft=32, n_pairs=32,
+                       n_rl_prompts=16, n_eval_prompts=0)
+
+
+def run_stage(stage: str, init, out, data, *extra: str):
+    import importlib
+
+    from chatforge.config import load_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(stage, ROOT / "configs" / "micro.yaml", [
+        f"model.init={init}", f"data.path=[{data}]", "train.max_steps=2", "train.batch_size=2", "train.eval_every=0",
+        "train.ckpt_every=0", "data.val_fraction=0.0", "sft.n_eval_prompts=0", "rm.norm_samples=4",
+        "rl.prompts_per_step=2", "rl.max_new_tokens=6", "rl.ppo_epochs=1", *extra])
+    importlib.import_module(f"chatforge.stages.{stage}").run(cfg, out)
+    return out
+
+
+def assert_loads_in_transformers(out, causal: bool = True):
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    hf = auto.from_pretrained(out).eval()
+    assert not any("lora" in k for k in hf.state_dict())
+    return hf
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_rm_dpo_ppo_steps_on_each_family(model_dirs, world, family, tmp_path):
+    """A few steps of each stage from a transformers model directory; every output loads in transformers."""
+    init = model_dirs[family]
+    sft = run_stage("sft", init, tmp_path / "sft", world["sft"])
+    hf = assert_loads_in_transformers(sft)
+    m, _, tok = load_causal_lm(sft)
+    x = torch.randint(0, tok.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, m(x), atol=ATOL, rtol=0)
+        assert (m(x) - AutoModelForCausalLM.from_pretrained(init)(x).logits).abs().max() > 1e-4  # it trained
+    rm = run_stage("rm", sft, tmp_path / "rm", world["preferences"])
+    assert_loads_in_transformers(rm, causal=False)
+    assert_loads_in_transformers(run_stage("dpo", sft, tmp_path / "dpo", world["preferences"]))
+    assert_loads_in_transformers(run_stage("ppo", sft, tmp_path / "ppo", world["rl_prompts"],
+                                           f"rl.reward_model={rm}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
+def test_lora_in_each_stage_only_moves_the_adapted_layers(model_dirs, world, stage, tmp_path):
+    """lora.r > 0 with q_proj/v_proj targets: after merging, every other weight equals the starting model's."""
+    init = model_dirs["qwen2"]
+    data = {"sft": world["sft"], "rm": world["preferences"], "dpo": world["preferences"], "ppo": world["rl_prompts"]}
+    extra = ["lora.r=4", "lora.target_modules=[q_proj,v_proj]", "optim.lr=0.05"]
+    if stage == "ppo":
+        extra.append(f"rl.reward_model={run_stage('rm', init, tmp_path / 'rm0', world['preferences'])}")
+    out = run_stage(stage, init, tmp_path / stage, data[stage], *extra)
+    start = AutoModelForCausalLM.from_pretrained(init).state_dict()
+    got = assert_loads_in_transformers(out, causal=stage != "rm").state_dict()
+    moved = {k for k in got if k in start and not torch.equal(got[k], start[k])}
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved), sorted(moved)

@@ -52,9 +52,9 @@ def sft_cfg(base: Path, data, *extra: str):
 
 @pytest.fixture(scope="module")
 def sft_run(base, world, tmp_path_factory) -> Path:
-    """40 SFT steps on the demo conversations, evaluated every 20."""
+    """80 SFT steps on the demo conversations, evaluated every 40."""
     out = tmp_path_factory.mktemp("sft") / "sft"
-    sft.run(sft_cfg(base, world["sft"], "train.max_steps=40", "train.eval_every=20", "train.ckpt_every=0"), out)
+    sft.run(sft_cfg(base, world["sft"], "train.max_steps=80", "train.eval_every=40", "train.ckpt_every=0"), out)
     return out
 
 
@@ -177,13 +177,13 @@ def test_overlong_truncate_and_drop_are_counted(byte_tok):
 
 def test_micro_sft_lowers_heldout_response_loss(sft_run, world, base):
     val = rows(sft_run, "eval", "val_loss")
-    assert len(val) == 3  # steps 0, 20, 40
-    assert val[-1] < val[0] - 1.0, val
+    assert len(val) == 3  # steps 0, 40, 80
+    assert val[-1] < val[0] - 1.5, val  # measured: 5.38 -> 3.31 nats per response token
     train = [r for r in read_metrics(sft_run) if r["kind"] == "train"]
-    assert len(train) == 40 and all(0 < r["response_tokens"] < r["tokens"] for r in train)
+    assert len(train) == 80 and all(0 < r["response_tokens"] < r["tokens"] for r in train)
     assert all(0 <= r["pad_frac"] < 0.3 for r in train)
     samples = [r for r in read_metrics(sft_run) if r["kind"] == "samples"]
-    assert [r["step"] for r in samples] == [0, 20, 40]
+    assert [r["step"] for r in samples] == [0, 40, 80]
     assert all(len(r["samples"]) == 4 for r in samples)
     assert samples[0]["samples"][0]["prompt"] == samples[-1]["samples"][0]["prompt"]
     assert {"greedy", "sampled", "greedy_finished", "sampled_finished"} <= set(samples[-1]["samples"][0])
@@ -267,9 +267,10 @@ def test_cli_sample_chat_answers_and_stops_at_end(sft_run, world, capsys):
     res = Engine(model).generate([render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts], 40,
                                  temperature=0.0, stop_ids=[tok.end_id], pad_id=tok.pad_id)
     assert sum(res.finished) >= 4, res.finished  # the SFT model learnt to end its turn
-    i = res.finished.index(True)
-    want = tok.decode(res.tokens[i][:-1])
-    assert res.tokens[i][-1] == tok.end_id and want.strip()
+    answers = [tok.decode(t[:-1]) if f else None for t, f in zip(res.tokens, res.finished)]
+    i = next(k for k, a in enumerate(answers) if a and a.strip())  # a finished, non-empty answer
+    want = answers[i]
+    assert res.tokens[i][-1] == tok.end_id and tok.end_id not in res.tokens[i][:-1]
     with pytest.raises(SystemExit) as e:
         cli.main(["sample", "--model", str(sft_run), "--chat", prompts[i], "--temperature", "0",
                   "--max-new-tokens", "40"])

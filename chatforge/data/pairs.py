@@ -117,6 +117,8 @@ def load_pair_data(data_cfg, tok: ChatTokenizer, max_len: int, *, verbose: bool 
         train_pairs, val_pairs = list(pairs), []
     if data_cfg.max_examples:
         train_pairs = train_pairs[: data_cfg.max_examples]
+    if verbose and sum(skips.values()):
+        print(f"preference pairs: {pairs.skips.summary()}")
     train, drop_t = tokenize_pairs(tok, train_pairs, max_len)
     val, drop_v = tokenize_pairs(tok, val_pairs, max_len)
     if drop_t or drop_v:

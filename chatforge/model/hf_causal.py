@@ -305,17 +305,23 @@ def save_hf_model(model: Union[HFCausalLM, HFScalarModel], out_dir: Union[str, P
 
 
 def fresh_like(model: nn.Module) -> nn.Module:
-    """A new, unsharded model of the same class and shapes as ``model`` (to load a full state dict into)."""
-    T = _transformers()
-    if isinstance(model, HFCausalLM):
-        return HFCausalLM(T.AutoModelForCausalLM.from_config(model.hf.config, dtype=torch.float32,
-                                                              trust_remote_code=model.cfg.trust_remote_code), model.cfg)
-    if isinstance(model, HFScalarModel):
-        return HFScalarModel(T.AutoModelForSequenceClassification.from_config(
-            model.hf.config, dtype=torch.float32, trust_remote_code=model.cfg.trust_remote_code), model.cfg)
+    """A new, unsharded model of the same class and shapes as ``model`` (to load a full state dict into),
+    with the same LoRA adapter layout when ``model`` has adapters (so its state dict loads as is)."""
     from chatforge.model.gpt import GPT
     from chatforge.model.heads import ScalarModel
+    from chatforge.model.lora import apply_lora, has_lora
 
-    if isinstance(model, (GPT, ScalarModel)):
-        return type(model)(model.cfg, model.vocab_size)
-    raise TypeError(f"fresh_like: unsupported model {type(model).__name__}")
+    T = _transformers()
+    if isinstance(model, HFCausalLM):
+        fresh = HFCausalLM(T.AutoModelForCausalLM.from_config(
+            model.hf.config, dtype=torch.float32, trust_remote_code=model.cfg.trust_remote_code), model.cfg)
+    elif isinstance(model, HFScalarModel):
+        fresh = HFScalarModel(T.AutoModelForSequenceClassification.from_config(
+            model.hf.config, dtype=torch.float32, trust_remote_code=model.cfg.trust_remote_code), model.cfg)
+    elif isinstance(model, (GPT, ScalarModel)):
+        fresh = type(model)(model.cfg, model.vocab_size)
+    else:
+        raise TypeError(f"fresh_like: unsupported model {type(model).__name__}")
+    if has_lora(model):
+        apply_lora(fresh, model.lora_config)
+    return fresh

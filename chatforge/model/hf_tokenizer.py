@@ -25,6 +25,10 @@ from tokenizers import AddedToken, Tokenizer
 from chatforge.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, ChatTokenizer
 
 
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt")
+
+
 class TokenizerDirError(ValueError):
     """A model directory whose tokenizer is missing or cannot be given chatforge's chat tokens."""
 
@@ -37,6 +41,9 @@ def _backend(path: Path, trust_remote_code: bool) -> Tokenizer:
             return Tokenizer.from_file(str(f))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise TokenizerDirError(f"{f}: cannot read tokenizer: {e}") from None
+    if not any((path / n).is_file() for n in TOKENIZER_FILES):
+        raise TokenizerDirError(f"{path}: no usable tokenizer (none of {', '.join(TOKENIZER_FILES)}); put the "
+                                "model's tokenizer files (tokenizer.json) in the directory")
     try:
         from transformers import AutoTokenizer
 
@@ -44,7 +51,7 @@ def _backend(path: Path, trust_remote_code: bool) -> Tokenizer:
     except Exception as e:
         raise TokenizerDirError(f"{path}: no usable tokenizer (no {TOKENIZER_FILE}, and transformers' AutoTokenizer "
                                 f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}); put the "
-                                f"model's tokenizer files in the directory or pass --tokenizer.path") from None
+                                f"model's tokenizer files (tokenizer.json) in the directory") from None
     backend = getattr(hf_tok, "backend_tokenizer", None)
     if backend is None:
         raise TokenizerDirError(f"{path}: the tokenizer ({type(hf_tok).__name__}) is a slow tokenizer without "

@@ -168,12 +168,15 @@ def load_scalar_model(path: str | Path, device: torch.device | str = "cpu", *,
 
 def scalar_from_causal(policy: nn.Module, score_std: Optional[float] = None) -> nn.Module:
     """A scalar-head model on a copy of a causal LM's trunk (RM init from SFT; critic without an RM).
-    Call it before :func:`chatforge.model.lora.apply_lora` (on the plain model)."""
-    from chatforge.model.lora import has_lora
+
+    A policy with LoRA adapters gives its merged weights (the scalar model has no adapters; give it its
+    own with ``apply_lora``)."""
+    from chatforge.model.lora import has_lora, merged_copy
 
     if has_lora(policy):
-        raise TypeError("scalar_from_causal: the model already has LoRA adapters; build the scalar model from the "
-                        "plain causal LM first, then apply_lora to each")
+        added = getattr(policy, "chat_tokens_added", [])
+        policy = merged_copy(policy)
+        policy.chat_tokens_added = added
     if isinstance(policy, GPT):
         m = ScalarModel.from_trunk(policy, score_std=score_std)
     elif isinstance(policy, HFCausalLM):

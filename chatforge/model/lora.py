@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -220,8 +221,6 @@ def reference_from(policy: nn.Module) -> nn.Module:
 
 def save_adapter(model: nn.Module, directory) -> None:
     """Write ``model``'s adapter (peft format: adapter_config.json + adapter_model.safetensors)."""
-    from pathlib import Path
-
     import peft
     from safetensors.torch import save_file
 
@@ -238,8 +237,6 @@ def save_adapter(model: nn.Module, directory) -> None:
 
 def load_adapter_merged(model: nn.Module, directory) -> nn.Module:
     """Apply an adapter saved by :func:`save_adapter` to ``model`` and merge it (returns a plain model)."""
-    from pathlib import Path
-
     import peft
     from safetensors.torch import load_file
 
@@ -248,7 +245,8 @@ def load_adapter_merged(model: nn.Module, directory) -> nn.Module:
     pcfg.inference_mode = False
     peft.inject_adapter_in_model(pcfg, model)
     prefix = "hf." if hasattr(model, "hf") else ""
-    state = {prefix + k[len("base_model.model."):]: v for k, v in load_file(str(d / "adapter_model.safetensors")).items()}
+    saved = load_file(str(d / "adapter_model.safetensors"))
+    state = {prefix + k[len("base_model.model."):]: v for k, v in saved.items()}
     res = peft.set_peft_model_state_dict(model, state)
     bad = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
     if bad:

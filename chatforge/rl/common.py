@@ -342,8 +342,8 @@ class RLRun:
         prompt_texts = [self.prompts.texts[i] for i in rows for _ in range(repeat)]
         actor = D.unwrap(trainer.models["actor"])
         t0 = time.time()
-        with trainer.autocast():
-            s = sample(actor, prompt_ids, rl.max_new_tokens, rl.temperature, tok.end_id, tok.pad_id,
+        with D.gathered(trainer.models["actor"]) as gen_actor, trainer.autocast():  # FSDP: gather once, decode freely
+            s = sample(gen_actor, prompt_ids, rl.max_new_tokens, rl.temperature, tok.end_id, tok.pad_id,
                        step_generator(self.cfg.train.seed, step, self.info.rank, dev))
         gen_s = time.time() - t0
         batch = build_batch(prompt_ids, s.response_ids, tok.pad_id, tok.end_id).to(dev)
@@ -386,7 +386,9 @@ class RLRun:
         if self.info.is_main:
             final = D.unwrap(trainer.models["actor"])
             if self.info.enabled and self.cfg.dist.strategy == "fsdp":
-                final = copy.deepcopy(self.actor).to("cpu")
+                from chatforge.model.hf_causal import fresh_like
+
+                final = fresh_like(self.actor)
                 final.load_state_dict(state)
             save_model_dir(final, self.out, self.cfg.model, self.tok)
             rows = [x for x in read_metrics(self.out) if x.get("kind") == "train"]

@@ -127,9 +127,7 @@ def save_model_dir(model, out: Path, model_cfg, tok, generation: Optional[dict] 
     out = Path(out)
     model = D.unwrap(model)
     if state is not None:
-        fresh = fresh_like(model)
-        if any("lora_" in k for k in state):
-            L.apply_lora(fresh, model.lora_config)
+        fresh = fresh_like(model)  # same class, shapes and LoRA layout
         fresh.load_state_dict(state)
         model = fresh
     adapter = None

@@ -83,5 +83,5 @@ def run(cfg: Config, out: str | Path) -> dict:
         loss = stats["policy_loss"] + rl.grpo_kl_coef * stats.get("kl_loss", 0.0)
         return {"loss": loss, **R.rollout_metrics(r), **kl_metric, "zero_std_groups": zero_groups / n, **stats}
 
-    result = trainer.fit(step_fn, None, desc=rl.algo)
+    result = trainer.fit(step_fn, None, desc=rl.algo, show=("reward", "kl"))
     return R.save(trainer, result, extra={"algo": rl.algo})

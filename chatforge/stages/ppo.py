@@ -94,5 +94,5 @@ def run(cfg: Config, out: str | Path) -> dict:
                 "kl": kl_sum / n, "non_score_reward": ns_sum / n, "beta": beta,
                 "explained_variance": 1.0 - var_err / var_ret if var_ret > 0 else 0.0, **stats}
 
-    result = trainer.fit(step_fn, None, desc="ppo")
+    result = trainer.fit(step_fn, None, desc="ppo", show=("reward", "kl", "beta"))
     return R.save(trainer, result)

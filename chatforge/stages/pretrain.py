@@ -76,7 +76,8 @@ def run(cfg: Config, out: str | Path) -> dict:
         print(f"batch: {B} seqs x {T} tokens x {A} accumulation x {W} processes = {B * T * A * W:,} tokens per step")
     trainer = Trainer(cfg, out, {"model": model}, info, state={"data": loader},
                       flops_per_token=model.flops_per_token())
-    net = trainer.models["model"]
+    net = trainer.models["model"]  # wrapped (DDP/FSDP, compiled): for training
+    plain = trainer.raw["model"]  # eval needs no gradient sync and would only recompile a compiled model
     step_tokens = B * T * A * W
 
     def step_fn(step: int) -> dict:
@@ -96,7 +97,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         for x, y in val_windows(data.val, T, B, cfg.train.eval_batches, info.rank, W):
             x, y = x.to(info.device), y.to(info.device)
             with trainer.autocast():
-                loss_sum, n = losses.lm_loss(net(x), y)
+                loss_sum, n = losses.lm_loss(plain(x), y)
             nll += torch.tensor([loss_sum.item(), float(n)], dtype=torch.float64)
         nll = D.all_reduce_sum(nll)
         if nll[1] == 0:

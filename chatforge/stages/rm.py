@@ -177,7 +177,10 @@ def run(cfg: Config, out: str | Path) -> dict:
         final.eval()
         norm = reward_norm(final, data, cfg.rm.norm_samples, tok.pad_id)
         save_model_dir(final, out, cfg.model, tok)
-        extra = {"reward_norm": norm, "calibration": (result.get("eval") or {}).get("calibration", [])}
+        last_eval = result.get("eval") or {}
+        extra = {"reward_norm": norm, "calibration": last_eval.get("calibration", [])}
+        if "val_accuracy" in last_eval:
+            extra["accuracy"] = last_eval["val_accuracy"]  # held-out preference accuracy (chance = 0.5)
         write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data=data.meta, extra=extra)
         print(f"rm: done in {time.time() - t_start:.0f}s; " +
               ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
