@@ -279,8 +279,6 @@ def test_mismatched_collective_fails_fast():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs D.gathered() around generation in rl/common.py RLRun.rollout and "
-                   "sft.py samples(), and fresh_like() instead of deepcopy in RLRun.save")
 def test_fsdp_every_stage(world, refs):
     """FSDP2 on 2 CPU ranks for every later stage (a second launch): sft with eval samples generated
     mid-run, rm and dpo equal their 1-rank references; ppo and grpo finish and save their policy."""

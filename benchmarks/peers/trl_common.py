@@ -224,6 +224,30 @@ def train_timed(trainer, timer, t0: float, warmup: int) -> dict:
     return r
 
 
+class GenerateTimer:
+    """Wraps ``model.generate`` (instance attribute) to time TRL's rollouts: per call, seconds and new
+    token positions (rows x new columns; a row that stopped early still counts its padding)."""
+
+    def __init__(self, model):
+        self.calls: list[tuple[float, int]] = []
+        orig = model.generate
+
+        def generate(*args, **kw):
+            ids = kw.get("input_ids", args[0] if args else None)
+            t0 = time.perf_counter()
+            out = orig(*args, **kw)
+            seq = out.sequences if hasattr(out, "sequences") else out
+            new = seq.shape[1] - (ids.shape[1] if ids is not None else 0)
+            self.calls.append((time.perf_counter() - t0, seq.shape[0] * new))
+            return out
+
+        model.generate = generate
+
+    def after(self, warmup_calls: int) -> dict:
+        c = self.calls[warmup_calls:]
+        return {"gen_s": sum(s for s, _ in c), "gen_tokens": sum(n for _, n in c), "gen_calls": len(self.calls)}
+
+
 def load_hf_tokenizer(policy_dir: str):
     from transformers import AutoTokenizer
 

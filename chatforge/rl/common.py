@@ -31,6 +31,7 @@ from chatforge.data.prompts import read_prompts
 from chatforge.data.records import DataError
 from chatforge.metrics import read_metrics
 from chatforge.model.load import load_causal_lm
+from chatforge.model.lora import apply_lora, reference_from
 from chatforge.rl.rollout import RolloutBatch, build_batch, response_logprobs, sample
 from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
 from chatforge.tokenizer import render_prompt
@@ -288,8 +289,9 @@ class RLRun:
         actor, mcfg, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
         mcfg.dropout = 0.0
         cfg.model = mcfg
+        actor = apply_lora(actor, cfg.lora)  # no-op unless lora.r > 0
         self.actor, self.tok = disable_dropout(actor), tok
-        self.ref = freeze(copy.deepcopy(actor)) if need_ref else None
+        self.ref = freeze(reference_from(actor)) if need_ref else None  # LoRA: adapters off, no copy
         self.reward = load_reward(rl, info.device)
         if rl.reward_model is not None and hasattr(self.reward, "check_tokenizer"):
             self.reward.check_tokenizer(tok)

@@ -31,6 +31,7 @@ from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.pairs import PairBatch, TokenPair, collate_pairs, load_pair_data, pair_lengths
 from chatforge.model.hf_causal import fresh_like
 from chatforge.model.load import load_causal_lm
+from chatforge.model.lora import apply_lora, reference_from
 from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
 from chatforge.trainer import Trainer
 
@@ -85,7 +86,8 @@ def run(cfg: Config, out: str | Path) -> dict:
     out = check_out_dir(Path(out))
     info = setup(cfg)
     policy, cfg.model, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
-    ref: Optional[torch.nn.Module] = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy = apply_lora(policy, cfg.lora)  # no-op unless lora.r > 0
+    ref: Optional[torch.nn.Module] = reference_from(policy)  # LoRA: the policy with adapters off; else a frozen copy
     data = load_pair_data(cfg.data, tok, cfg.model.block_size, verbose=info.is_main)
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     step_pairs = B * A * W

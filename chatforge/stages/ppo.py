@@ -21,6 +21,7 @@ from chatforge import distributed as D
 from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.model.load import load_scalar_model, scalar_from_causal
+from chatforge.model.lora import apply_lora
 from chatforge.rl.common import (RLRun, check_finite, disable_dropout, global_masked_moments, global_sums,
                                  print_role_memory, reward_module, update_epochs)
 from chatforge.rl.kl_controller import make_kl_controller
@@ -33,8 +34,8 @@ def build_critic(cfg: Config, actor: torch.nn.Module, device: torch.device) -> t
     if cfg.rl.reward_model:
         critic, _, _ = load_scalar_model(cfg.rl.reward_model, device, trust_remote_code=cfg.model.trust_remote_code)
     else:
-        critic = scalar_from_causal(actor, score_std=0.0)
-    return disable_dropout(critic).to(device)
+        critic = scalar_from_causal(actor, score_std=0.0)  # a LoRA actor gives its merged trunk
+    return disable_dropout(apply_lora(critic, cfg.lora)).to(device)
 
 
 def run(cfg: Config, out: str | Path) -> dict:

@@ -27,6 +27,7 @@ from chatforge.data.pairs import PairData, collate_pairs, load_pair_data, pair_l
 from chatforge.model.heads import gather_last
 from chatforge.model.hf_causal import fresh_like
 from chatforge.model.load import load_causal_lm, scalar_from_causal
+from chatforge.model.lora import apply_lora
 from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
 from chatforge.trainer import Trainer
 
@@ -107,7 +108,7 @@ def run(cfg: Config, out: str | Path) -> dict:
     policy, cfg.model, tok = load_causal_lm(cfg.model.init, "cpu", trust_remote_code=cfg.model.trust_remote_code)
     data = load_pair_data(cfg.data, tok, cfg.model.block_size, verbose=info.is_main)
     torch.manual_seed(cfg.train.seed)  # the same score head on every rank
-    model = scalar_from_causal(policy, score_std=None).to(info.device)
+    model = apply_lora(scalar_from_causal(policy, score_std=None), cfg.lora).to(info.device)
     del policy
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     step_pairs = B * A * W  # BucketBatcher always fills every micro-batch

@@ -22,8 +22,9 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.data.sft import SFTLoader, build_sft_data, conversation_prompt, prompt_ids, val_micro_batches
 from chatforge.engine import Engine
-from chatforge.model.gpt import GPT
+from chatforge.model.hf_causal import fresh_like
 from chatforge.model.load import load_causal_lm
+from chatforge.model.lora import apply_lora
 from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
 from chatforge.trainer import Trainer
 
@@ -58,6 +59,7 @@ def run(cfg: Config, out: str | Path) -> dict:
     info = setup(cfg)
     model, mcfg, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
     cfg.model = mcfg  # the starting model's shape wins
+    model = apply_lora(model, cfg.lora)  # no-op unless lora.r > 0
     T, B, A, W = mcfg.block_size, cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     data = build_sft_data(cfg, tok, T)
     loader = SFTLoader(data.train, B, A, tok.pad_id, seed=cfg.train.seed, rank=info.rank, world_size=W)
@@ -99,10 +101,9 @@ def run(cfg: Config, out: str | Path) -> dict:
         """Greedy and sampled answers to the fixed prompts (every rank generates: FSDP needs it)."""
         if not prompts:
             return
-        raw = D.unwrap(net)
         ids = [p for _, p in prompts]
         gen = torch.Generator(device=info.device).manual_seed(cfg.train.seed)  # private: training RNG untouched
-        with trainer.autocast():
+        with D.gathered(net) as raw, trainer.autocast():  # FSDP: weights gathered once for the whole decode
             greedy = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=0.0, stop_ids=[tok.end_id],
                                           pad_id=tok.pad_id)
             sampled = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=1.0, stop_ids=[tok.end_id],
@@ -136,7 +137,7 @@ def run(cfg: Config, out: str | Path) -> dict:
     state = D.full_state_dict(net)
     metrics = flatten_metrics(result)
     if info.is_main:
-        final = GPT(cfg.model, tok.vocab_size)
+        final = fresh_like(D.unwrap(net))  # an unsharded copy (same class, shapes, LoRA layout)
         final.load_state_dict(state)
         save_model_dir(final, out, cfg.model, tok)
         write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start,
