@@ -18,7 +18,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install "torch==$TORCH_VERSION"
-"$VENV/bin/python" -m pip install -e ".[dev]" "trl==1.12.*" "accelerate>=1.4" "datasets>=4.7" psutil
+"$VENV/bin/python" -m pip install -e ".[dev]" "trl==1.12.*" "accelerate>=1.4" "datasets>=4.7" psutil requests  # requests: trl.GRPOTrainer imports it
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, trl
 print(f"bench env ready: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")

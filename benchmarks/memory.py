@@ -31,7 +31,7 @@ SIZES = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=None),
     "124m": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
 }
-# a few steps of each stage; sequences are the demo's short chats (<= 128 tokens here)
+# a few steps of each stage on the demo's short chats
 COMMON = ["train.max_steps=3", "train.batch_size=4", "train.eval_every=0", "train.ckpt_every=0",
           "train.log_every=1", "train.progress=false", "train.dtype=fp32", "train.device=cpu", "train.threads=2",
           "optim.warmup_steps=1", "data.val_fraction=0.0"]

@@ -38,12 +38,11 @@ def _sample(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
 
     from chatforge.engine import Engine
-    from chatforge.model.hf import load_model
-    from chatforge.tokenizer import ChatTokenizer, render_prompt
+    from chatforge.model.load import load_causal_lm
+    from chatforge.tokenizer import render_prompt
 
-    model, _ = load_model(args.model)
+    model, _, tok = load_causal_lm(args.model)
     model.eval()
-    tok = ChatTokenizer.load(args.model)
     if args.chat is not None:
         prompt = render_prompt(tok, [{"role": "user", "content": args.chat}])
         stop = [tok.end_id]

@@ -242,7 +242,14 @@ def rm_eval_dir(rm_dir: str | Path, pairs: Sequence[dict], *, batch_size: int = 
     by_kind: dict[str, list[bool]] = {}
     for p, m in zip(pairs, margins):
         by_kind.setdefault(p.get("kind", "sampled"), []).append(m > 0)
-    out = {"accuracy": acc, "accuracy_se": mean_se([float(m > 0) for m in margins])[1], "n_pairs": len(pairs),
+    by_gap: dict[str, list[bool]] = {}
+    for p, m in zip(pairs, margins):
+        if "gold_gap" in p:
+            g = p["gold_gap"]
+            key = "gap<0.05" if g < 0.05 else "0.05<=gap<0.2" if g < 0.2 else "gap>=0.2"
+            by_gap.setdefault(key, []).append(m > 0)
+    out = {"accuracy": acc,
+           "accuracy_by_gold_gap": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_gap.items())}, "accuracy_se": mean_se([float(m > 0) for m in margins])[1], "n_pairs": len(pairs),
            "margin_mean": sum(margins) / len(margins),
            "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
            "calibration": calibration(probs, correct, bins)}

@@ -272,6 +272,9 @@ class Pipeline:
         from chatforge.model.load import load_causal_lm
 
         d, dm = self.root / "pairs", self.demo
+        if not self.finished("sft"):
+            raise ConfigError(f"the preference pairs need a finished sft/ in {self.root}; run --stages sft first "
+                              "(or without --stages)")
         spec = {"sft": model_digest(self.path("sft")), **self.data_digest("preferences", "eval_prompts"),
                 "n_sampled": dm.n_sampled_pair_prompts, "n_heldout": dm.n_heldout_pairs, "noise": dm.label_noise,
                 "seed": dm.seed, "max_new_tokens": dm.eval_max_new_tokens}

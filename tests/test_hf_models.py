@@ -209,6 +209,17 @@ def test_tokenizer_without_chat_tokens_gets_them_added(tmp_path):
     assert tok2.vocab_size == tok.vocab_size
 
 
+def test_a_model_with_its_own_chat_template_is_told_which_format_trains(tmp_path, caplog):
+    fast = plain_gpt2_tokenizer(tmp_path)
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+    fast.save_pretrained(tmp_path)
+    build_model("gpt2", len(fast)).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="chatforge.model"):
+        _, _, tok = load_causal_lm(tmp_path)
+    assert "brings its own chat template" in caplog.text and str(tmp_path) in caplog.text
+    assert tok.end_id == len(fast) + 4  # chatforge's format with the added tokens
+
+
 # ------------------------------------------------------------------------------------ LoRA
 
 
@@ -383,7 +394,6 @@ def assert_loads_in_transformers(out, causal: bool = True):
     return hf
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sft_rm_dpo_ppo_steps_on_each_family(model_dirs, world, family, tmp_path):
     """A few steps of each stage from a transformers model directory; every output loads in transformers."""
@@ -402,7 +412,6 @@ def test_sft_rm_dpo_ppo_steps_on_each_family(model_dirs, world, family, tmp_path
                                            f"rl.reward_model={rm}"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
 def test_lora_in_each_stage_only_moves_the_adapted_layers(model_dirs, world, stage, tmp_path):
     """lora.r > 0 with q_proj/v_proj targets: after merging, every other weight equals the starting model's."""
@@ -416,3 +425,17 @@ def test_lora_in_each_stage_only_moves_the_adapted_layers(model_dirs, world, sta
     got = assert_loads_in_transformers(out, causal=stage != "rm").state_dict()
     moved = {k for k in got if k in start and not torch.equal(got[k], start[k])}
     assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved), sorted(moved)
+
+
+def test_continued_pretraining_of_a_model_without_chat_tokens(world, tmp_path):
+    """pretrain --model.init on a GPT-2-family directory whose tokenizer lacks the chat tokens."""
+    plain_gpt2_tokenizer(tmp_path / "gpt2")
+    build_model("gpt2", 300).save_pretrained(tmp_path / "gpt2")
+    out = run_stage("pretrain", tmp_path / "gpt2", tmp_path / "base", world["corpus"], "model.block_size=32")
+    hf = assert_loads_in_transformers(out)
+    assert hf.config.vocab_size == 305 and type(hf).__name__ == "GPT2LMHeadModel"
+    m, _, tok = load_causal_lm(out)
+    assert tok.vocab_size == 305 and tok.end_id == 304
+    x = torch.randint(0, 305, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, m(x), atol=ATOL, rtol=0)

@@ -26,6 +26,7 @@ MICRO = [
     "demo.eval_batch_size=16", "tokenizer.vocab_size=320", "train.max_steps=4", "train.eval_every=0",
     "train.ckpt_every=0", "train.log_every=1", "train.eval_batches=1", "sft.n_eval_prompts=0",
     "rl.max_new_tokens=8", "rl.prompts_per_step=4", "rl.ppo_epochs=1", "rl.sample_every=1",
+    "train.threads=1",  # micro models run fastest on one thread (and do not thrash a busy machine)
 ]
 STAGE_DIRS = ["base", "sft", "rm", "ppo"]
 
@@ -44,8 +45,15 @@ def losses(d):
     return [r["loss"] for r in rows if r.get("kind") == "train"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
+def micro_run(tmp_path_factory, restore_threads):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("pipeline") / "run"
     results = run(out)
@@ -165,8 +173,10 @@ def test_stages_picks_a_subset_and_checks_upstream(tmp_path):
     results = run(tmp_path / "r", stages=["base"])
     assert list(results) == ["data", "tokenizer", "pretrain"]
     assert not (tmp_path / "r" / "sft").exists()
-    with pytest.raises(ConfigError, match="needs a finished sft/"):
+    with pytest.raises(ConfigError, match="need a finished sft/"):
         run(tmp_path / "r", stages=["rm"])
+    with pytest.raises(ConfigError, match="needs a finished sft/"):
+        run(tmp_path / "r", stages=["ppo"])
     with pytest.raises(ConfigError, match="unknown stage"):
         run(tmp_path / "r", stages=["sfft"])
 

@@ -209,7 +209,7 @@ def timing_callback():
             s = [self.t_begin] + self.stamps
             d = [b - a for a, b in zip(s[:-1], s[1:])]
             return {"step_s": d[warmup:], "warmup_s": sum(d[:warmup]),
-                    "tokens": (self.tokens[-1] - self.tokens[warmup - 1]) if warmup and len(self.tokens) > warmup else 0}
+                    "tokens": (self.tokens[-1] - (self.tokens[warmup - 1] if warmup else 0)) if len(self.tokens) > warmup else 0}
 
     return StepTimer()
 
@@ -272,8 +272,8 @@ def harness(doc: str, script: str, children: dict[str, Callable[[argparse.Namesp
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="small,medium", help=f"comma list of {', '.join(SIZES)}")
     p.add_argument("--loops", default=",".join(default_children), help=f"comma list of {', '.join(children)}")
-    p.add_argument("--warmup", type=int, default=defaults["warmup"], help="untimed steps")
-    p.add_argument("--steps", type=int, default=defaults["steps"], help="timed steps")
+    p.add_argument("--warmup", type=int, default=None, help=f"untimed steps (default {defaults['warmup']})")
+    p.add_argument("--steps", type=int, default=None, help=f"timed steps (default {defaults['steps']})")
     p.add_argument("--quick", action="store_true", help="smoke run: small size, 1 warmup + 2 timed steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
     p.add_argument("--work", default=None, help="folder for the generated models (default: benchmarks/out/work)")
@@ -283,14 +283,17 @@ def harness(doc: str, script: str, children: dict[str, Callable[[argparse.Namesp
     if add_args:
         add_args(p)
     a = p.parse_args()
-    if a.quick:
-        a.warmup, a.steps = 1, 2
+    if a.quick:  # explicit --warmup/--steps still win
+        a.warmup = 1 if a.warmup is None else a.warmup
+        a.steps = 2 if a.steps is None else a.steps
         if getattr(a, "x_max_pairs", None) == 0:
             a.x_max_pairs = 120
         if a.sizes == "small,medium":
             a.sizes = "small"
     from common import cores, machine_info, print_table, set_threads, write_json
 
+    a.warmup = defaults["warmup"] if a.warmup is None else a.warmup
+    a.steps = defaults["steps"] if a.steps is None else a.steps
     a.threads = a.threads or cores()
     a.work = a.work or str(ROOT / "benchmarks" / "out" / "work")
     a.block_size = block_size

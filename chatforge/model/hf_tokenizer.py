@@ -17,12 +17,16 @@ this way; anything else is a :class:`TokenizerDirError` naming the directory and
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from tokenizers import AddedToken, Tokenizer
 
-from chatforge.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, ChatTokenizer
+from chatforge.tokenizer import CHAT_TEMPLATE, CHAT_TEMPLATE_FILE, SPECIAL_TOKENS, TOKENIZER_FILE, ChatTokenizer
+
+log = logging.getLogger("chatforge.model")
 
 
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
@@ -60,6 +64,19 @@ def _backend(path: Path, trust_remote_code: bool) -> Tokenizer:
     return Tokenizer.from_str(backend.to_str())
 
 
+def own_chat_template(path: Path) -> Optional[str]:
+    """The directory's chat template when it is not chatforge's (chat_template.jinja or tokenizer_config.json)."""
+    template = None
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        template = (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    elif (path / "tokenizer_config.json").is_file():
+        try:
+            template = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            template = None
+    return template if template and template != CHAT_TEMPLATE else None
+
+
 def load_chat_tokenizer(path: Union[str, Path], trust_remote_code: bool = False) -> tuple[ChatTokenizer, list[int]]:
     """(ChatTokenizer of the directory, ids of the chat tokens that had to be added, in order)."""
     path = Path(path)
@@ -67,6 +84,10 @@ def load_chat_tokenizer(path: Union[str, Path], trust_remote_code: bool = False)
     vocab = tok.get_vocab(with_added_tokens=True)
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
+        if own_chat_template(path):
+            log.warning("%s: the model brings its own chat template; chatforge trains in its own chat format "
+                        "(adding %s) and the directories it writes carry chatforge's template", path,
+                        ", ".join(missing))
         n = tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
         vocab = tok.get_vocab(with_added_tokens=True)
         if n != len(missing) or any(t not in vocab for t in missing):

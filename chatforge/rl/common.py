@@ -14,7 +14,6 @@ accelerator to the trainable roles during generation and updates. Every role's b
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass

@@ -17,7 +17,6 @@ moved probability away from the chosen answers, a known DPO failure mode).
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Optional

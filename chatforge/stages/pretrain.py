@@ -13,7 +13,8 @@ from chatforge import losses
 from chatforge.config import Config
 from chatforge.data.pretrain import TokenLoader, build_token_data, corpus_files, iter_documents, val_windows
 from chatforge.model.gpt import GPT
-from chatforge.model.hf import load_model
+from chatforge.model.hf_causal import fresh_like
+from chatforge.model.load import load_causal_lm, load_tokenizer
 from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
 from chatforge.tokenizer import ChatTokenizer, train_tokenizer
 from chatforge.trainer import Trainer
@@ -25,7 +26,7 @@ def tokenizer_for(cfg: Config, out: Path, info: D.DistInfo) -> ChatTokenizer:
     """The tokenizer named by the config, the starting model's, or a new one trained on the corpus (rank 0)."""
     src = cfg.tokenizer.path or cfg.model.init
     if src:
-        return ChatTokenizer.load(src)
+        return load_tokenizer(src, trust_remote_code=cfg.model.trust_remote_code)  # chat tokens added if missing
     if info.is_main:
         files = corpus_files(cfg.data.path)
 
@@ -42,13 +43,11 @@ def tokenizer_for(cfg: Config, out: Path, info: D.DistInfo) -> ChatTokenizer:
     return ChatTokenizer.load(out)
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> GPT:
-    """A fresh, initialised GPT, or the starting model of ``model.init`` (its shape wins)."""
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> torch.nn.Module:
+    """A fresh, initialised GPT, or the starting model of ``model.init`` (its shape wins; any local
+    Hugging Face causal LM, see model/load.py)."""
     if cfg.model.init:
-        model, mcfg = load_model(cfg.model.init)
-        if not isinstance(model, GPT):
-            raise SystemExit(f"error: {cfg.model.init} is not a causal language model")
-        cfg.model = mcfg
+        model, cfg.model, _ = load_causal_lm(cfg.model.init, trust_remote_code=cfg.model.trust_remote_code)
     else:
         model = GPT(cfg.model, vocab_size)
         model.init_weights()
@@ -108,7 +107,7 @@ def run(cfg: Config, out: str | Path) -> dict:
     result = trainer.fit(step_fn, eval_fn if data.meta["val_tokens"] > 1 else None, desc="pretrain")
     state = D.full_state_dict(net)
     if info.is_main:
-        final = GPT(cfg.model, tok.vocab_size)
+        final = fresh_like(D.unwrap(net))  # an unsharded copy (same class and shapes)
         final.load_state_dict(state)
         save_model_dir(final, out, cfg.model, tok)
         metrics = flatten_metrics(result)
