@@ -10,7 +10,7 @@
 #
 # Needs: python3 with torch (CUDA), numpy, tokenizers, safetensors, transformers, tqdm, pyyaml.
 # omegaconf is installed from wheels in $WHEELS (default .whl/) when missing -- the GPU machine
-# has no network: `pip download --no-deps omegaconf==2.4.0 -d .whl` beforehand (see docs/scaling.md).
+# has no network: `pip download --no-deps omegaconf==2.4.0 -d .whl` beforehand (see the README, "Scaling out").
 # Data: the generated demo corpus (chatforge.demo), so nothing outside the repository is needed.
 # Log and results: $OUT (if set) else benchmarks/out/: gpu_check.log, bench.json, fsdp_check.json.
 set -euo pipefail
