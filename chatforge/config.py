@@ -270,8 +270,11 @@ class DemoConfig:
     eval_batch_size: int = 100
     """Prompts generated together (one engine batch) during evaluation and pair sampling."""
     n_sampled_pair_prompts: int = 1500
-    """RM training pairs sampled from the SFT model: prompts answered twice (temperature 1) and labelled by
-    the gold judge with `label_noise` (ties dropped). 0 = use only the controlled variant pairs."""
+    """Prompts whose SFT answers make RM training pairs, labelled by the gold judge with `label_noise`
+    (ties dropped). 0 = use only the controlled variant pairs."""
+    samples_per_pair_prompt: int = 2
+    """SFT answers (temperature 1) per such prompt; every two of them make a pair (k answers, k(k-1)/2 pairs),
+    as InstructGPT's labellers ranked K answers at once."""
     n_heldout_pairs: int = 400
     """Held-out RM pairs: SFT samples on the evaluation prompts with noise-free gold labels (ties dropped)."""
     dpo: bool = False

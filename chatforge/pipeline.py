@@ -21,6 +21,7 @@ stage, or to one when written ``stages.<stage>.<section>.<key>=value``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import shutil
@@ -276,7 +277,7 @@ class Pipeline:
             raise ConfigError(f"the preference pairs need a finished sft/ in {self.root}; run --stages sft first "
                               "(or without --stages)")
         spec = {"sft": model_digest(self.path("sft")), **self.data_digest("preferences", "eval_prompts"),
-                "n_sampled": dm.n_sampled_pair_prompts, "n_heldout": dm.n_heldout_pairs, "noise": dm.label_noise,
+                "n_sampled": dm.n_sampled_pair_prompts, "k": dm.samples_per_pair_prompt, "n_heldout": dm.n_heldout_pairs, "noise": dm.label_noise,
                 "seed": dm.seed, "max_new_tokens": dm.eval_max_new_tokens}
         fp = digest(spec)
         rec = d / PIPELINE_FILE
@@ -286,7 +287,7 @@ class Pipeline:
         d.mkdir(parents=True)
         model, _, tok = load_causal_lm(self.path("sft"), self.device)
 
-        def sample_twice(prompts: list[str], seed: int, k: int = 2) -> list[list[str]]:
+        def sample_k(prompts: list[str], seed: int, k: int = 2) -> list[list[str]]:
             ans = generate(model, tok, [p for p in prompts for _ in range(k)], max_new_tokens=dm.eval_max_new_tokens,
                            temperature=1.0, seed=seed, batch_size=dm.eval_batch_size)
             return [ans.texts[i * k:(i + 1) * k] for i in range(len(prompts))]
@@ -294,15 +295,17 @@ class Pipeline:
         rng = random.Random(f"chatforge-pipeline-pairs-{dm.seed}")
         train, stats = [], {"sampled_ties": 0, "sampled_empty": 0}
         prompts = rl_prompts(dm.seed + 7919, dm.n_sampled_pair_prompts) if dm.n_sampled_pair_prompts else []
-        for p, (a, b) in zip(prompts, sample_twice(prompts, dm.seed + 1)):
-            if not a.strip() or not b.strip():
-                stats["sampled_empty"] += 1
-                continue
-            lab = label_pairs(p, a, b, rng, dm.label_noise)
-            if lab is None:
-                stats["sampled_ties"] += 1
-                continue
-            train.append({"prompt": p, "chosen": lab[0], "rejected": lab[1], "source": "sft_sample"})
+        k = dm.samples_per_pair_prompt
+        for p, answers in zip(prompts, sample_k(prompts, dm.seed + 1, k=k)):
+            for a, b in itertools.combinations(answers, 2):  # every two of the k answers make a pair
+                if not a.strip() or not b.strip():
+                    stats["sampled_empty"] += 1
+                    continue
+                lab = label_pairs(p, a, b, rng, dm.label_noise)
+                if lab is None:
+                    stats["sampled_ties"] += 1
+                    continue
+                train.append({"prompt": p, "chosen": lab[0], "rejected": lab[1], "source": "sft_sample"})
         stats["sampled_pairs"] = len(train)
         variants = [json.loads(line) for line in self.data_file("preferences").read_text().splitlines() if line.strip()]
         train += [{**v, "source": "variant"} for v in variants]
@@ -311,7 +314,7 @@ class Pipeline:
 
         heldout = []
         eval_p = self.eval_prompts()
-        for p, answers in zip(eval_p, sample_twice(eval_p, dm.seed + 2, k=4)):
+        for p, answers in zip(eval_p, sample_k(eval_p, dm.seed + 2, k=4)):
             for a, b in ((answers[0], answers[1]), (answers[2], answers[3])):
                 if len(heldout) >= dm.n_heldout_pairs or not a.strip() or not b.strip():
                     continue
