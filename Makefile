@@ -14,7 +14,8 @@ RUN ?= runs/tiny
 .PHONY: install demo test test-all bench clean
 
 $(VENV)/.chatforge-installed: pyproject.toml
-	@test -x $(PY) || { \
+	@$(PY) -m pip --version >/dev/null 2>&1 || { \
+	  if [ "$(VENV)" = ".venv" ]; then rm -rf .venv; fi; \
 	  if python3 -c "import torch" 2>/dev/null; then \
 	    echo "using the torch already installed in $$(python3 -c 'import sys; print(sys.prefix)')"; \
 	    python3 -m venv --system-site-packages $(VENV); \
