@@ -126,6 +126,12 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu", *,
                                 f"(a reward model directory cannot start this stage)") from None
         model = load_hf_causal(path, trust_remote_code)
         cfg = model.cfg
+    return _finish(model, cfg, path, device, trust_remote_code)
+
+
+def _finish(model: nn.Module, cfg: ModelConfig, path: Path, device, trust_remote_code: bool):
+    """What every loader does last: the chat tokenizer (chat tokens added if missing, embeddings grown to
+    fit), the model's special ids, a saved LoRA adapter merged back, and the move to ``device``."""
     cfg.trust_remote_code = trust_remote_code
     tok, added = load_chat_tokenizer(path, trust_remote_code)
     fit_vocab(model, tok, added)
@@ -158,12 +164,7 @@ def load_scalar_model(path: str | Path, device: torch.device | str = "cpu", *,
     except NotNativeModelError:
         model = load_hf_scalar(path, trust_remote_code)
         cfg = model.cfg
-    cfg.trust_remote_code = trust_remote_code
-    tok, added = load_chat_tokenizer(path, trust_remote_code)
-    fit_vocab(model, tok, added)
-    _sync_special_ids(model, tok)
-    model = _merge_saved_adapter(model, path)
-    return model.to(device), cfg, tok
+    return _finish(model, cfg, path, device, trust_remote_code)
 
 
 def scalar_from_causal(policy: nn.Module, score_std: Optional[float] = None) -> nn.Module:
