@@ -138,6 +138,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write and close one figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_losses(root: Path, out: Path) -> Optional[Path]:
     stages = _stages(root)
     if not stages:
@@ -153,11 +161,7 @@ def plot_losses(root: Path, out: Path) -> Optional[Path]:
         ax.set_title(f"{stage} loss")
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "losses.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "losses.png")
 
 
 def plot_rm(root: Path, out: Path) -> Optional[Path]:
@@ -186,11 +190,7 @@ def plot_rm(root: Path, out: Path) -> Optional[Path]:
     a2.set_title("RM calibration (held-out)")
     a2.set_xlabel("predicted P(first preferred)")
     a2.set_ylabel("observed")
-    fig.tight_layout()
-    path = out / "rm.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "rm.png")
 
 
 def plot_ppo(root: Path, out: Path) -> Optional[Path]:
@@ -211,11 +211,7 @@ def plot_ppo(root: Path, out: Path) -> Optional[Path]:
             ax.plot(xs, sm, lw=1.5)
         ax.set_title(title)
         ax.set_xlabel("step")
-    fig.tight_layout()
-    path = out / "ppo.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "ppo.png")
 
 
 def plot_kl_monitor(root: Path, out: Path) -> Optional[Path]:
@@ -240,11 +236,7 @@ def plot_kl_monitor(root: Path, out: Path) -> Optional[Path]:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
     ax.set_title("over-optimisation monitor: gold vs RM along PPO")
-    fig.tight_layout()
-    path = out / "gold_vs_kl.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "gold_vs_kl.png")
 
 
 def plot_gold(root: Path, out: Path) -> Optional[Path]:
@@ -264,11 +256,7 @@ def plot_gold(root: Path, out: Path) -> Optional[Path]:
     ax.set_ylabel("gold score (± 2 SE)")
     ax.set_title("held-out gold score by stage")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "gold_scores.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "gold_scores.png")
 
 
 # ----------------------------------------------------------------------------------------------------- report

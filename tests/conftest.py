@@ -24,3 +24,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def interrupt_on_call(monkeypatch, cls, name: str, n: int) -> None:
+    """Send this process SIGINT inside the ``n``-th call of ``cls.name`` (a data loader's ``next``):
+    the Trainer then checkpoints after the current step and raises ``Interrupted``, as after Ctrl-C."""
+    import signal
+
+    real = getattr(cls, name)
+    calls = {"n": 0}
+
+    def wrapped(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, wrapped)

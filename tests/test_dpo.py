@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from chatforge.data.batching import BucketBatcher
 from chatforge.stages import dpo
 from chatforge.trainer import Interrupted
 from tests.test_rm import MICRO, build_micro_base, rows, write_demo_pairs
+from tests.conftest import interrupt_on_call
 
 
 @pytest.fixture(scope="session")
@@ -83,15 +82,8 @@ def test_exact_resume(micro_base, pairs_file, tmp_path, monkeypatch):
     full = tmp_path / "full"
     dpo.run(dpo_cfg(micro_base, pairs_file, *args), full)
     out = tmp_path / "cut"
-    real_next, calls = BucketBatcher.next, {"n": 0}
-
-    def next_then_interrupt(self):
-        calls["n"] += 1
-        if calls["n"] == 4:  # inside step 4: the trainer checkpoints after it and stops
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_next(self)
-
-    monkeypatch.setattr(BucketBatcher, "next", next_then_interrupt)
+    real_next = BucketBatcher.next
+    interrupt_on_call(monkeypatch, BucketBatcher, "next", 4)  # inside step 4: checkpoint after it, stop
     with pytest.raises(Interrupted):
         dpo.run(dpo_cfg(micro_base, pairs_file, *args), out)
     monkeypatch.setattr(BucketBatcher, "next", real_next)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from chatforge.data.records import DataError
 from chatforge.metrics import read_metrics
 from chatforge.stages import pretrain
 from chatforge.trainer import Interrupted, TrainingError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, interrupt_on_call
 
 MICRO = ROOT / "configs" / "micro.yaml"
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_micro.json"
@@ -92,15 +91,7 @@ def test_exact_resume_after_interrupt(corpus, micro_run, tmp_path, monkeypatch):
     """Kill the run with SIGINT inside step 13; rerunning resumes to the uninterrupted curve exactly."""
     out = tmp_path / "base"
     real_next = TokenLoader.next
-    calls = {"n": 0}
-
-    def next_then_interrupt(self, n):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_next(self, n)
-
-    monkeypatch.setattr(TokenLoader, "next", next_then_interrupt)
+    interrupt_on_call(monkeypatch, TokenLoader, "next", 13)
     with pytest.raises(Interrupted):
         pretrain.run(micro_cfg(corpus), out)
     assert not (out / "model.safetensors").exists()

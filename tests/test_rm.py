@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from chatforge.model.heads import gather_last
 from chatforge.model.load import load_causal_lm, scalar_from_causal
 from chatforge.stages import rm
 from chatforge.trainer import Interrupted
-from tests.conftest import ROOT
+from tests.conftest import ROOT, interrupt_on_call
 
 MICRO = ROOT / "configs" / "micro.yaml"
 BLOCK = 128  # demo pairs are up to ~115 tokens with the micro tokenizer
@@ -279,15 +277,8 @@ def test_exact_resume(micro_base, pairs_file, tmp_path, monkeypatch):
     full = tmp_path / "full"
     rm.run(rm_cfg(micro_base, pairs_file, *args), full)
     out = tmp_path / "cut"
-    real_next, calls = BucketBatcher.next, {"n": 0}
-
-    def next_then_interrupt(self):
-        calls["n"] += 1
-        if calls["n"] == 4:  # inside step 4: the trainer checkpoints after it and stops
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_next(self)
-
-    monkeypatch.setattr(BucketBatcher, "next", next_then_interrupt)
+    real_next = BucketBatcher.next
+    interrupt_on_call(monkeypatch, BucketBatcher, "next", 4)  # inside step 4: checkpoint after it, stop
     with pytest.raises(Interrupted):
         rm.run(rm_cfg(micro_base, pairs_file, *args), out)
     monkeypatch.setattr(BucketBatcher, "next", real_next)
