@@ -57,12 +57,23 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
         nxt = logits.argmax(dim=-1)  # (B,)
         logp = torch.log_softmax(logits, dim=-1)
     else:
-        logits = logits / temperature
+        if temperature != 1.0:
+            logits = logits / temperature
         logp = torch.log_softmax(logits, dim=-1)  # (B, V)
         probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)  # (B, V)
-        dev = generator.device if generator is not None else probs.device
-        nxt = torch.multinomial(probs.to(dev), 1, generator=generator).squeeze(1).to(logits.device)  # (B,)
+        nxt = draw(probs, generator)  # (B,)
     return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
+
+
+def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One index per row of (B, V) probabilities, by inverse-CDF sampling: u ~ U[0, total) per row, the first index
+    whose cumulative probability exceeds u. Same law as ``torch.multinomial(probs, 1)`` (a zero-probability index is
+    never drawn), but one uniform per row instead of one exponential per vocabulary entry: ~15x faster on CPU at
+    batch 16 and V = 2048 (benchmarks/RESULTS.md)."""
+    dev = generator.device if generator is not None else probs.device
+    cdf = probs.to(dev, torch.float64).cumsum(-1)  # (B, V), fp64 so a large vocabulary sums without drift
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=dev, dtype=torch.float64) * cdf[:, -1:]  # (B, 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1).to(probs.device)
 
 
 def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:

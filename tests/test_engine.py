@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from chatforge.config import ModelConfig
-from chatforge.engine import Engine, filter_logits
+from chatforge.engine import Engine, draw, filter_logits
 from chatforge.model.gpt import GPT
 from chatforge.model.hf import save_model
 
@@ -133,3 +133,17 @@ def test_filter_logits_top_k_top_p():
     assert torch.isinf(filter_logits(logits, top_p=0.75)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.81)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.4)).tolist() == [[False, True, True, True]]
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero_probability():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(50_000, 1)  # (100000, 4)
+    x = draw(probs, g)
+    freq_a = torch.bincount(x[0::2], minlength=4).double() / 50_000
+    assert torch.allclose(freq_a, torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64), atol=0.01)
+    assert freq_a[1] == 0 and bool((x[1::2] == 3).all())
+    # unnormalised rows (a filtered softmax can sum to 1 - eps) and reproducibility from the generator's seed
+    p = torch.tensor([[2.0, 0.0, 2.0]])
+    assert draw(p.repeat(1000, 1), torch.Generator().manual_seed(1)).tolist() == \
+        draw(p.repeat(1000, 1), torch.Generator().manual_seed(1)).tolist()
+    assert set(draw(p.repeat(1000, 1), g).tolist()) == {0, 2}

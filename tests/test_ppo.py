@@ -56,7 +56,7 @@ def test_rollout_logprobs_equal_engine_and_fresh_forward(temperature):
     for i, (p, r) in enumerate(zip(prompts, batch.response_ids)):
         n = len(r)
         engine = torch.tensor(s.logprobs[i])  # the sampler's own log-probs
-        torch.testing.assert_close(logp[i, :n], engine, atol=2e-5, rtol=0)
+        torch.testing.assert_close(logp[i, :n], engine, atol=2e-5, rtol=1e-5)  # float error grows with |log p|
         assert logp[i, n:].abs().sum() == 0 and ent[i, n:].abs().sum() == 0  # masked after the response
         with torch.no_grad():  # a fresh forward of this row alone, no padding at all
             ids = torch.tensor([p + r])

@@ -72,21 +72,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def rope_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
+    """inv_freq = 1 / theta^(arange(0, hd, 2) / hd), (hd/2,) fp32; computed once per (hd, theta, device) and kept
+    outside the module (a buffer would be rounded by ``.to(bf16)``)."""
+    key = (head_dim, float(theta), str(device))
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
+    return _INV_FREQ[key]
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for integer positions ``pos`` (B, T) or (1, T) -> two (B, T, hd) tensors.
 
-    inv_freq = 1 / theta^(arange(0, hd, 2) / hd); angles = pos * inv_freq, duplicated as
-    cat(freqs, freqs) for the rotate-half convention. Always computed in fp32 (never from a
-    buffer that ``.to(bf16)`` could have rounded).
+    angles = pos * inv_freq (see :func:`rope_inv_freq`), duplicated as cat(freqs, freqs) for the rotate-half
+    convention, always in fp32.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float) / head_dim))  # (hd/2,)
-    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    freqs = pos[..., None].float() * rope_inv_freq(head_dim, theta, pos.device)  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -130,11 +137,14 @@ class KVCache:
         self.v[layer, :, :, L:L + T] = v
         return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]
 
-    def advance(self, mask: torch.Tensor) -> None:
-        """After all layers ran on T new tokens with (B, T) validity ``mask``: mark them stored."""
-        T = mask.shape[1]
-        self.valid[:, self.length:self.length + T] = mask
-        self.next_pos += mask.long().sum(1)
+    def advance(self, mask: Optional[torch.Tensor], T: int) -> None:
+        """After all layers ran on T new tokens with (B, T) validity ``mask`` (None: all real): mark them stored."""
+        if mask is None:
+            self.valid[:, self.length:self.length + T] = True
+            self.next_pos += T
+        else:
+            self.valid[:, self.length:self.length + T] = mask
+            self.next_pos += mask.long().sum(1)
         self.length += T
 
 
@@ -233,6 +243,11 @@ class Trunk(nn.Module):
         if cache is None and attention_mask is None:
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
             attn_mask = None  # fast path: is_causal=True
+        elif cache is not None and attention_mask is None and T == 1:  # decode one real token per row
+            mask = None
+            pos = cache.next_pos[:, None]  # (B, 1)
+            cache.valid[:, cache.length] = True  # the new slot (advance() below marks it too)
+            attn_mask = cache.valid[:, None, None, :cache.length + 1]  # (B, 1, 1, S): every valid slot is in the past
         else:
             mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()  # (B, T)
             past = cache.length if cache is not None else 0
@@ -249,7 +264,7 @@ class Trunk(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, attn_mask, cache)
         if cache is not None:
-            cache.advance(mask)
+            cache.advance(mask, T)
         return self.norm(x)  # (B, T, C)
 
 
