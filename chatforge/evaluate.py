@@ -225,6 +225,8 @@ def rm_eval_dir(rm_dir: str | Path, pairs: Sequence[dict], *, batch_size: int = 
     gold judge's noise-free preferences; recorded as ``accuracy`` (+ margin, calibration) in rm/chatforge.json.
 
     Calibration compares p = sigmoid(r_a - r_b) for a random orientation of each pair with the gold label.
+    Accuracy is also broken down by the pairs' optional "kind" (the pipeline writes what tells the two answers
+    apart: style, content or both) and "gold_gap" (the judge's score difference).
     """
     from chatforge.model.load import load_scalar_model
 
@@ -239,19 +241,22 @@ def rm_eval_dir(rm_dir: str | Path, pairs: Sequence[dict], *, batch_size: int = 
     # both orientations of every pair: P(first wins) vs. whether the first is the gold winner
     probs = [1 / (1 + math.exp(-m)) for m in margins] + [1 / (1 + math.exp(m)) for m in margins]
     correct = [True] * len(margins) + [False] * len(margins)
-    by_kind: dict[str, list[bool]] = {}
-    for p, m in zip(pairs, margins):
-        by_kind.setdefault(p.get("kind", "sampled"), []).append(m > 0)
-    by_gap: dict[str, list[bool]] = {}
-    for p, m in zip(pairs, margins):
-        if "gold_gap" in p:
-            g = p["gold_gap"]
-            key = "gap<0.05" if g < 0.05 else "0.05<=gap<0.2" if g < 0.2 else "gap>=0.2"
-            by_gap.setdefault(key, []).append(m > 0)
-    out = {"accuracy": acc,
-           "accuracy_by_gold_gap": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_gap.items())}, "accuracy_se": mean_se([float(m > 0) for m in margins])[1], "n_pairs": len(pairs),
+
+    def by(key) -> dict:
+        groups: dict[str, list[bool]] = {}
+        for p, m in zip(pairs, margins):
+            if key(p) is not None:
+                groups.setdefault(key(p), []).append(m > 0)
+        return {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
+
+    def gap_bin(p: dict) -> str | None:
+        g = p.get("gold_gap")
+        return None if g is None else "gap<0.05" if g < 0.05 else "0.05<=gap<0.2" if g < 0.2 else "gap>=0.2"
+
+    out = {"accuracy": acc, "accuracy_se": mean_se([float(m > 0) for m in margins])[1], "n_pairs": len(pairs),
            "margin_mean": sum(margins) / len(margins),
-           "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+           "accuracy_by_kind": by(lambda p: p.get("kind", "sampled")),
+           "accuracy_by_gold_gap": by(gap_bin),
            "calibration": calibration(probs, correct, bins)}
     update_run_info(rm_dir, accuracy=acc, accuracy_se=out["accuracy_se"], heldout_eval=out)
     return out

@@ -266,7 +266,7 @@ class Pipeline:
         plus the controlled variant pairs of data/preferences.jsonl. heldout.jsonl: pairs of SFT samples on
         the held-out evaluation prompts with noise-free gold labels.
         """
-        from chatforge.demo.judge import gold_score
+        from chatforge.demo.judge import difference_kind, gold_score
         from chatforge.demo.preferences import label_pairs
         from chatforge.demo.tasks import rl_prompts
         from chatforge.evaluate import generate
@@ -322,7 +322,8 @@ class Pipeline:
                 if abs(sa - sb) < 1e-9:
                     continue
                 c, r = (a, b) if sa > sb else (b, a)
-                heldout.append({"prompt": p, "chosen": c, "rejected": r, "gold_gap": abs(sa - sb)})
+                heldout.append({"prompt": p, "chosen": c, "rejected": r, "gold_gap": abs(sa - sb),
+                                "kind": difference_kind(p, c, r)})
         stats["heldout_pairs"] = len(heldout)
         if not train or not heldout:
             raise ValueError(f"{d}: the SFT model produced no usable preference pairs ({stats}); "

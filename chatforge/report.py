@@ -307,6 +307,10 @@ def _acceptance(root: Path) -> list[str]:
         he = rm.get("heldout_eval", {})
         lines.append(f"- RM held-out accuracy vs noise-free gold: {rm['accuracy']:.3f} on {he.get('n_pairs', '?')} "
                      f"pairs (trained with label noise {rm.get('config', {}).get('demo', {}).get('label_noise', '?')})")
+        kinds = he.get("accuracy_by_kind", {})
+        if len(kinds) > 1:
+            lines.append("- RM held-out accuracy by what tells the pair apart: " + "; ".join(
+                f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in kinds.items()))
     return lines
 
 

@@ -217,6 +217,17 @@ def test_gold_judge_accepts_messages_and_unknown_prompts():
         gold_score([{"role": "assistant", "content": "hi"}], "hi")
 
 
+def test_difference_kind_names_what_tells_two_answers_apart():
+    from chatforge.demo.judge import difference_kind
+
+    p = "What is 3 plus 4?"
+    assert difference_kind(p, "Sure! 3 plus 4 is 7.", "3 plus 4 is 7.") == "style only"      # politeness
+    assert difference_kind(p, "Sure! 3 plus 4 is 7.", "Sure! 3 plus 4 is 8.") == "content only"  # the sum
+    assert difference_kind(p, "Sure! 3 plus 4 is 7.", "Ugh. 3 plus 4 is 9.") == "style and content"
+    assert difference_kind(p, "Sure! 3 plus 4 is 7.", "Gladly! 3 plus 4 is 7.") == "same"
+    assert difference_kind("Tell me a joke.", "Sure! Here is one.", "Here is one.") == "style only"
+
+
 # ---------------------------------------------------------------------------------------------- preferences
 def test_label_pairs_orders_ties_and_flips():
     rng = random.Random(0)

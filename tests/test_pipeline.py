@@ -100,9 +100,14 @@ def test_end_to_end_writes_every_stage(micro_run):
     assert stats["variant_pairs"] == 40 and stats["sampled_pairs"] + stats["sampled_ties"] + stats["sampled_empty"] == 24
     from chatforge.demo.judge import gold_score
 
-    for line in (out / "pairs" / "heldout.jsonl").read_text().splitlines():
-        p = json.loads(line)
+    heldout = [json.loads(line) for line in (out / "pairs" / "heldout.jsonl").read_text().splitlines()]
+    for p in heldout:
         assert gold_score(p["prompt"], p["chosen"]) > gold_score(p["prompt"], p["rejected"])
+    # accuracy broken down by what tells each pair apart; the groups partition the held-out pairs
+    kinds = rm["heldout_eval"]["accuracy_by_kind"]
+    assert set(kinds) <= {"style only", "content only", "style and content"}
+    assert sum(k["n"] for k in kinds.values()) == len(heldout) == rm["heldout_eval"]["n_pairs"]
+    assert sum(k["n"] * k["accuracy"] for k in kinds.values()) == pytest.approx(len(heldout) * rm["accuracy"])
     assert (out / "report.md").is_file() and (out / "ppo" / "kl_monitor.json").is_file()
 
 

@@ -202,6 +202,17 @@ def gold_breakdown(prompt, response: str) -> dict[str, float]:
     return out
 
 
+def difference_kind(prompt, response_a: str, response_b: str) -> str:
+    """Which gold components tell two responses apart: 'style only' (polite/concise/ends), 'content only'
+    (correct/follows) or 'style and content' ('same' when none do). Used to break reward-model accuracy down by
+    what a pair tests: a small reward model learns style far sooner than content."""
+    a, b = gold_breakdown(prompt, response_a), gold_breakdown(prompt, response_b)
+    differs = {k for k in a if k != "score" and abs(a[k] - b.get(k, 0.0)) > 1e-9}
+    style, content = bool(differs & set(STYLE_KEYS)), bool(differs - set(STYLE_KEYS))
+    return {(True, False): "style only", (False, True): "content only", (True, True): "style and content",
+            (False, False): "same"}[(style, content)]
+
+
 def gold_score(prompt, response: str) -> float:
     """The gold judge's score in [0, 1] (see the module docstring)."""
     return gold_breakdown(prompt, response)["score"]
