@@ -75,11 +75,7 @@ def trl_loop(precompute: bool):
 
 def rows(size: str, res: dict, a) -> list[dict]:
     out = []
-    for name in LOOPS:
-        r = res.get(name)
-        if not r or r.get("error") or not r.get("step_s"):
-            continue
-        t = sum(r["step_s"])
+    for name, r, t in C.finished_loops(res, LOOPS):
         out.append({"loop": name, "pairs/s": r["pairs"] / t, "s/step": t / len(r["step_s"]),
                     "warmup_s": r["warmup_s"], "set-up s": r["setup_s"], "peak RSS MB": r["maxrss_mb"]})
     by = {row["loop"]: row["pairs/s"] for row in out}

@@ -144,11 +144,7 @@ def gen_loop(kind: str, batch: int):
 
 def rows(size: str, res: dict, a) -> list[dict]:
     out = []
-    for name in LOOPS:
-        r = res.get(name)
-        if not r or r.get("error") or not r.get("step_s"):
-            continue
-        t = sum(r["step_s"])
+    for name, r, t in C.finished_loops(res, LOOPS):
         out.append({"loop": name, "s/step (or /call)": t / len(r["step_s"]),
                     "rollout tokens/s": r["gen_tokens"] / r["gen_s"] if r.get("gen_s") else float("nan"),
                     "warmup_s": r["warmup_s"], "set-up s": r["setup_s"], "peak RSS MB": r["maxrss_mb"]})

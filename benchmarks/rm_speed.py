@@ -69,11 +69,7 @@ def child_trl(a) -> dict:
 
 def rows(size: str, res: dict, a) -> list[dict]:
     out, ref = [], None
-    for name in ("trl", "chatforge"):
-        r = res.get(name)
-        if not r or r.get("error") or not r.get("step_s"):
-            continue
-        t = sum(r["step_s"])
+    for name, r, t in C.finished_loops(res, ("trl", "chatforge")):
         out.append({"loop": name, "pairs/s": r["pairs"] / t, "s/step": t / len(r["step_s"]),
                     "warmup_s": r["warmup_s"], "set-up s": r["setup_s"], "peak RSS MB": r["maxrss_mb"]})
         ref = r["pairs"] / t if name == "trl" else ref

@@ -258,6 +258,14 @@ def load_hf_tokenizer(policy_dir: str):
 # ------------------------------------------------------------------------------------------ harness
 
 
+def finished_loops(res: dict, names):
+    """(name, result, total timed seconds) of each loop in ``names`` that ran its timed steps without error."""
+    for name in names:
+        r = res.get(name)
+        if r and not r.get("error") and r.get("step_s"):
+            yield name, r, sum(r["step_s"])
+
+
 def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
