@@ -3,7 +3,8 @@
 Text only (no torch, no tokenizer): the engine knows token ids, the demo knows text.
 
     generate_corpus(seed, target_bytes) -> list[str]           corpus.py
-    sft_conversations / rl_prompts / eval_prompts (seed, n)   tasks.py
+    rl_prompts / eval_prompts (seed, n), parse_prompt         tasks.py
+    sft_conversations (seed, n), demonstrate                  demonstrators.py
     gold_score / gold_breakdown (prompt, response)            judge.py
     label_pairs / gold_prefers / variant_pairs                preferences.py
     write_world(out_dir, seed, ...) -> dict[str, Path]        files.py
@@ -13,9 +14,8 @@ from chatforge.demo.corpus import generate_corpus
 from chatforge.demo.files import write_world
 from chatforge.demo.judge import WEIGHTS, gold_breakdown, gold_score
 from chatforge.demo.preferences import gold_prefers, label_pairs, variant_pairs
-from chatforge.demo.tasks import (
-    STYLES, demonstrate, eval_prompts, is_eval_prompt, parse_prompt, rl_prompts, sft_conversations,
-)
+from chatforge.demo.demonstrators import STYLES, demonstrate, sft_conversations
+from chatforge.demo.tasks import eval_prompts, is_eval_prompt, parse_prompt, rl_prompts
 from chatforge.demo.world import get_world
 
 __all__ = [

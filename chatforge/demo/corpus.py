@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import random
 
-from chatforge.demo.tasks import POLITE_OPENERS, answer_body_random, sample_split_task, statement
+from chatforge.demo.demonstrators import POLITE_OPENERS, answer_body_random
+from chatforge.demo.tasks import sample_split_task, statement
 from chatforge.demo.world import (
     ADJECTIVES, ANIMALS, CATEGORIES, CATEGORY_PLURAL, COLOURS, DAYS, FEELINGS, FOODS, NAMES, NUMBER_WORDS, OBJECTS,
     PLACES, RELATIONS, REPEAT_WORDS, SEASONS, TOWNS, VERBS, WEATHER, a_an, get_world,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from chatforge.demo.corpus import generate_corpus
 from chatforge.demo.preferences import variant_pairs
-from chatforge.demo.tasks import eval_prompts, rl_prompts, sft_conversations
+from chatforge.demo.demonstrators import sft_conversations
+from chatforge.demo.tasks import eval_prompts, rl_prompts
 
 EOT = "<|endoftext|>"
 MB = 1 << 20

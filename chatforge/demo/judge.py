@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import re
 
-from chatforge.demo.tasks import (
-    POLITE_CLOSINGS, POLITE_OPENERS, RUDE_CLOSINGS, RUDE_OPENERS, Task, answer_body, expected_value, parse_prompt,
+from chatforge.demo.demonstrators import (
+    POLITE_CLOSINGS, POLITE_OPENERS, RUDE_CLOSINGS, RUDE_OPENERS, answer_body, expected_value,
 )
+from chatforge.demo.tasks import Task, parse_prompt
 from chatforge.demo.world import CATEGORIES, NAMES, RELATION_CATEGORY
 
 WEIGHTS = {"correct": 0.20, "follows": 0.20, "polite": 0.25, "concise": 0.15, "ends": 0.20}

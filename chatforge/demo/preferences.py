@@ -10,10 +10,10 @@ from __future__ import annotations
 import random
 
 from chatforge.demo.judge import gold_score
-from chatforge.demo.tasks import (
-    POLITE_OPENERS, STYLES, Task, answer_body_random, demonstrate, off_task_body, sample_prompts,
-    style_response, wrong_body,
+from chatforge.demo.demonstrators import (
+    POLITE_OPENERS, STYLES, answer_body_random, demonstrate, off_task_body, style_response, wrong_body,
 )
+from chatforge.demo.tasks import Task, sample_prompts
 
 TIE_EPS = 1e-9
 
