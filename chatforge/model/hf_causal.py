@@ -110,8 +110,8 @@ def _call(hf, idx, attention_mask, cache: Optional[HFCache], **kw):
     return out
 
 
-class HFCausalLM(nn.Module):
-    """A transformers causal LM with chatforge's interface (see the module docstring)."""
+class _HFWrapper(nn.Module):
+    """A transformers model ``hf`` with its chatforge ModelConfig, vocabulary size and trunk."""
 
     def __init__(self, hf: nn.Module, cfg: Optional[ModelConfig] = None):
         super().__init__()
@@ -126,6 +126,10 @@ class HFCausalLM(nn.Module):
     def model(self) -> nn.Module:
         """The trunk (transformers' base model: ``model`` for Llama/Qwen2, ``transformer`` for GPT-2)."""
         return self.hf.base_model
+
+
+class HFCausalLM(_HFWrapper):
+    """A transformers causal LM with chatforge's interface (see the module docstring)."""
 
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 cache: Optional[HFCache] = None) -> torch.Tensor:
@@ -154,7 +158,7 @@ class HFCausalLM(nn.Module):
         return 6 * self.num_params(exclude_embeddings=True) + 12 * self.cfg.n_layer * self.cfg.n_embd * T
 
 
-class HFScalarModel(nn.Module):
+class HFScalarModel(_HFWrapper):
     """transformers ``*ForSequenceClassification`` (num_labels=1): ids (B, T) -> per-token scalars (B, T) fp32.
 
     The score head is applied at every position (the PPO critic needs per-token values); a sequence's
@@ -163,20 +167,10 @@ class HFScalarModel(nn.Module):
     """
 
     def __init__(self, hf: nn.Module, cfg: Optional[ModelConfig] = None):
-        super().__init__()
         if not isinstance(getattr(hf, "score", None), nn.Linear):
             raise NoRewardHeadError(f"{type(hf).__name__} has no linear 'score' head: architecture cannot serve "
                                     "as a reward model")
-        self.hf = hf
-        self.cfg = cfg or model_config_from_any(hf.config)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.hf.get_input_embeddings().weight.shape[0]
-
-    @property
-    def model(self) -> nn.Module:
-        return self.hf.base_model
+        super().__init__(hf, cfg)
 
     @property
     def score(self) -> nn.Linear:
