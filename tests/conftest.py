@@ -26,9 +26,23 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def interrupt_on_call(monkeypatch, cls, name: str, n: int) -> None:
-    """Send this process SIGINT inside the ``n``-th call of ``cls.name`` (a data loader's ``next``):
-    the Trainer then checkpoints after the current step and raises ``Interrupted``, as after Ctrl-C."""
+def interrupted_then_resumed(monkeypatch, cls, name: str, n: int, run, between=None) -> None:
+    """``run()`` stopped by SIGINT inside the ``n``-th call of ``cls.name`` (a data loader's ``next``): the Trainer
+    checkpoints after the current step and raises ``Interrupted``, as after Ctrl-C. Then ``between()`` (checks on
+    the checkpoint, if given), and ``run()`` again with ``cls.name`` restored: the resume."""
+    from chatforge.trainer import Interrupted
+
+    real = getattr(cls, name)
+    _interrupt_on_call(monkeypatch, cls, name, n)
+    with pytest.raises(Interrupted):
+        run()
+    if between is not None:
+        between()
+    monkeypatch.setattr(cls, name, real)
+    run()
+
+
+def _interrupt_on_call(monkeypatch, cls, name: str, n: int) -> None:
     import signal
 
     real = getattr(cls, name)

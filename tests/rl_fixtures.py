@@ -12,6 +12,7 @@ import functools
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from chatforge.config import load_config
@@ -97,3 +98,16 @@ def interrupt_at(monkeypatch, step: int) -> None:
         return original(self, trainer, s, *a, **k)
 
     monkeypatch.setattr(RLRun, "rollout", rollout)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """The micro RL world (see :func:`micro_world`), shared by every RL test module in the session."""
+    return micro_world(str(tmp_path_factory.getbasetemp() / "rl_micro"))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Every test of a module that imports this fixture runs on one thread (see :func:`one_thread`)."""
+    with one_thread():
+        yield

@@ -12,9 +12,8 @@ import torch
 from chatforge.config import ConfigError, load_config
 from chatforge.data.batching import BucketBatcher
 from chatforge.stages import dpo
-from chatforge.trainer import Interrupted
 from tests.test_rm import MICRO, build_micro_base, rows, write_demo_pairs
-from tests.conftest import interrupt_on_call
+from tests.conftest import interrupted_then_resumed
 
 
 @pytest.fixture(scope="session")
@@ -81,13 +80,9 @@ def test_exact_resume(micro_base, pairs_file, tmp_path, monkeypatch):
     args = ("train.max_steps=6", "train.eval_every=3", "data.max_examples=48", "train.eval_batches=1")
     full = tmp_path / "full"
     dpo.run(dpo_cfg(micro_base, pairs_file, *args), full)
-    out = tmp_path / "cut"
-    real_next = BucketBatcher.next
-    interrupt_on_call(monkeypatch, BucketBatcher, "next", 4)  # inside step 4: checkpoint after it, stop
-    with pytest.raises(Interrupted):
-        dpo.run(dpo_cfg(micro_base, pairs_file, *args), out)
-    monkeypatch.setattr(BucketBatcher, "next", real_next)
-    dpo.run(dpo_cfg(micro_base, pairs_file, *args), out)
+    out = tmp_path / "cut"  # stopped inside step 4 (checkpoint after it), then resumed
+    interrupted_then_resumed(monkeypatch, BucketBatcher, "next", 4,
+                             lambda: dpo.run(dpo_cfg(micro_base, pairs_file, *args), out))
     keys = ("step", "loss", "reward_chosen", "reward_rejected", "accuracy", "chosen_drift")
     assert [[r[k] for k in keys] for r in rows(out, "train")] == [[r[k] for k in keys] for r in rows(full, "train")]
     assert [r["val_loss"] for r in rows(out, "eval")] == [r["val_loss"] for r in rows(full, "eval")]

@@ -8,18 +8,9 @@ import pytest
 from chatforge.config import ConfigError, load_config
 from chatforge.stages import grpo
 from chatforge.trainer import Interrupted
-from tests.rl_fixtures import MICRO, comparable, interrupt_at, micro_world, one_thread, rl_overrides, train_rows
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return micro_world(str(tmp_path_factory.getbasetemp() / "rl_micro"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+from tests.rl_fixtures import (  # noqa: F401  (world, single_thread: fixtures)
+    MICRO, comparable, interrupt_at, rl_overrides, single_thread, train_rows, world,
+)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])

@@ -17,20 +17,11 @@ from chatforge.rl.kl_controller import AdaptiveKLController, FixedKLController, 
 from chatforge.rl.rollout import build_batch, response_logprobs, response_values, sample
 from chatforge.stages import ppo
 from chatforge.trainer import Interrupted
-from tests.rl_fixtures import MICRO, comparable, interrupt_at, micro_world, one_thread, rl_overrides, train_rows
+from tests.rl_fixtures import (  # noqa: F401  (world, single_thread: fixtures)
+    MICRO, comparable, interrupt_at, rl_overrides, single_thread, train_rows, world,
+)
 
 END, PAD = 5, 1
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return micro_world(str(tmp_path_factory.getbasetemp() / "rl_micro"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def peaky_gpt(seed: int = 0) -> GPT:

@@ -14,8 +14,8 @@ from chatforge.data.pretrain import TokenLoader, build_token_data, iter_document
 from chatforge.data.records import DataError
 from chatforge.metrics import read_metrics
 from chatforge.stages import pretrain
-from chatforge.trainer import Interrupted, TrainingError
-from tests.conftest import ROOT, interrupt_on_call
+from chatforge.trainer import TrainingError
+from tests.conftest import ROOT, interrupted_then_resumed
 
 MICRO = ROOT / "configs" / "micro.yaml"
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_micro.json"
@@ -90,15 +90,13 @@ def test_transformers_loads_the_base_model(micro_run):
 def test_exact_resume_after_interrupt(corpus, micro_run, tmp_path, monkeypatch):
     """Kill the run with SIGINT inside step 13; rerunning resumes to the uninterrupted curve exactly."""
     out = tmp_path / "base"
-    real_next = TokenLoader.next
-    interrupt_on_call(monkeypatch, TokenLoader, "next", 13)
-    with pytest.raises(Interrupted):
-        pretrain.run(micro_cfg(corpus), out)
-    assert not (out / "model.safetensors").exists()
-    ckpt = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
-    assert ckpt["step"] == 13
-    monkeypatch.setattr(TokenLoader, "next", real_next)
-    pretrain.run(micro_cfg(corpus), out)
+
+    def checkpointed_at_13():
+        assert not (out / "model.safetensors").exists()
+        assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 13
+
+    interrupted_then_resumed(monkeypatch, TokenLoader, "next", 13, lambda: pretrain.run(micro_cfg(corpus), out),
+                             between=checkpointed_at_13)
     assert losses_of(out) == losses_of(micro_run)
     assert losses_of(out, "eval", "val_loss") == losses_of(micro_run, "eval", "val_loss")
     steps = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]

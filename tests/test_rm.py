@@ -17,8 +17,7 @@ from chatforge.data.records import DataError
 from chatforge.model.heads import gather_last
 from chatforge.model.load import load_causal_lm, scalar_from_causal
 from chatforge.stages import rm
-from chatforge.trainer import Interrupted
-from tests.conftest import ROOT, interrupt_on_call
+from tests.conftest import ROOT, interrupted_then_resumed
 
 MICRO = ROOT / "configs" / "micro.yaml"
 BLOCK = 128  # demo pairs are up to ~115 tokens with the micro tokenizer
@@ -276,13 +275,9 @@ def test_exact_resume(micro_base, pairs_file, tmp_path, monkeypatch):
             "rm.norm_samples=16")
     full = tmp_path / "full"
     rm.run(rm_cfg(micro_base, pairs_file, *args), full)
-    out = tmp_path / "cut"
-    real_next = BucketBatcher.next
-    interrupt_on_call(monkeypatch, BucketBatcher, "next", 4)  # inside step 4: checkpoint after it, stop
-    with pytest.raises(Interrupted):
-        rm.run(rm_cfg(micro_base, pairs_file, *args), out)
-    monkeypatch.setattr(BucketBatcher, "next", real_next)
-    rm.run(rm_cfg(micro_base, pairs_file, *args), out)
+    out = tmp_path / "cut"  # stopped inside step 4 (checkpoint after it), then resumed
+    interrupted_then_resumed(monkeypatch, BucketBatcher, "next", 4,
+                             lambda: rm.run(rm_cfg(micro_base, pairs_file, *args), out))
     keys = ("step", "loss", "accuracy", "margin", "reward_mean", "reward_std")
     assert [[r[k] for k in keys] for r in rows(out, "train")] == [[r[k] for k in keys] for r in rows(full, "train")]
     assert [r["val_loss"] for r in rows(out, "eval")] == [r["val_loss"] for r in rows(full, "eval")]
