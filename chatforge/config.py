@@ -273,10 +273,11 @@ class DemoConfig:
     """Prompts whose SFT answers make RM training pairs, labelled by the gold judge with `label_noise`
     (ties dropped). 0 = use only the controlled variant pairs."""
     samples_per_pair_prompt: int = 2
-    """SFT answers (temperature 1) per such prompt; every two of them make a pair (k answers, k(k-1)/2 pairs),
-    as InstructGPT's labellers ranked K answers at once."""
+    """SFT answers (temperature 1) per such prompt, and per evaluation prompt for the held-out pairs; every two
+    of them make a pair (k answers, k(k-1)/2 pairs), as InstructGPT's labellers ranked K answers at once."""
     n_heldout_pairs: int = 400
-    """Held-out RM pairs: SFT samples on the evaluation prompts with noise-free gold labels (ties dropped)."""
+    """At most this many held-out RM pairs: every two of `samples_per_pair_prompt` SFT samples per evaluation
+    prompt, with noise-free gold labels (ties dropped), a random subset when there are more."""
     dpo: bool = False
     """The pipeline also runs the dpo stage (SFT + the same preference pairs) into dpo/."""
 

@@ -44,6 +44,23 @@ def mean_se(xs: Sequence[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
+def clustered_se(xs: Sequence[float], groups: Sequence) -> tuple[float, float]:
+    """(mean, standard error of the mean) when values that share a group are correlated (several pairs from
+    one prompt): se^2 = G/(G-1) * sum_g (sum_{i in g} (x_i - mean))^2 / n^2 over G groups. One value per group
+    gives :func:`mean_se`'s se; identical values within each group give the se of the group means."""
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(xs) / n
+    resid: dict = {}
+    for x, g in zip(xs, groups, strict=True):
+        resid[g] = resid.get(g, 0.0) + (x - m)
+    G = len(resid)
+    if G < 2:
+        return m, 0.0
+    return m, math.sqrt(G / (G - 1) * sum(r * r for r in resid.values())) / n
+
+
 def win_rate(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> dict:
     """How often a beats b, prompt by prompt (a tie counts half), with a normal-approximation interval."""
     if len(a) != len(b) or not a:
@@ -253,7 +270,9 @@ def rm_eval_dir(rm_dir: str | Path, pairs: Sequence[dict], *, batch_size: int = 
         g = p.get("gold_gap")
         return None if g is None else "gap<0.05" if g < 0.05 else "0.05<=gap<0.2" if g < 0.2 else "gap>=0.2"
 
-    out = {"accuracy": acc, "accuracy_se": mean_se([float(m > 0) for m in margins])[1], "n_pairs": len(pairs),
+    # pairs from one prompt are correlated: the standard error counts prompts, not pairs
+    se = clustered_se([float(m > 0) for m in margins], prompts)[1]
+    out = {"accuracy": acc, "accuracy_se": se, "n_pairs": len(pairs), "n_prompts": len(set(prompts)),
            "margin_mean": sum(margins) / len(margins),
            "accuracy_by_kind": by(lambda p: p.get("kind", "sampled")),
            "accuracy_by_gold_gap": by(gap_bin),

@@ -262,9 +262,10 @@ class Pipeline:
     def step_pairs(self) -> StepResult:
         """RM preference pairs: responses sampled from the SFT model, labelled by the gold judge.
 
-        train.jsonl: two samples per training-bucket prompt, label noise ``demo.label_noise``, ties dropped,
-        plus the controlled variant pairs of data/preferences.jsonl. heldout.jsonl: pairs of SFT samples on
-        the held-out evaluation prompts with noise-free gold labels.
+        train.jsonl: every two of ``demo.samples_per_pair_prompt`` samples per training-bucket prompt, label
+        noise ``demo.label_noise``, ties dropped, plus the controlled variant pairs of data/preferences.jsonl.
+        heldout.jsonl: the same construction on the held-out evaluation prompts, with noise-free gold labels
+        (at most ``demo.n_heldout_pairs``, in random order).
         """
         from chatforge.demo.judge import difference_kind, gold_score
         from chatforge.demo.preferences import label_pairs
@@ -312,11 +313,11 @@ class Pipeline:
         stats["variant_pairs"] = len(variants)
         rng.shuffle(train)
 
-        heldout = []
+        heldout = []  # built as the training pairs are (every two of k answers), labelled without noise
         eval_p = self.eval_prompts()
-        for p, answers in zip(eval_p, sample_k(eval_p, dm.seed + 2, k=4)):
-            for a, b in ((answers[0], answers[1]), (answers[2], answers[3])):
-                if len(heldout) >= dm.n_heldout_pairs or not a.strip() or not b.strip():
+        for p, answers in zip(eval_p, sample_k(eval_p, dm.seed + 2, k=k)):
+            for a, b in itertools.combinations(answers, 2):
+                if not a.strip() or not b.strip():
                     continue
                 sa, sb = gold_score(p, a), gold_score(p, b)
                 if abs(sa - sb) < 1e-9:
@@ -324,6 +325,8 @@ class Pipeline:
                 c, r = (a, b) if sa > sb else (b, a)
                 heldout.append({"prompt": p, "chosen": c, "rejected": r, "gold_gap": abs(sa - sb),
                                 "kind": difference_kind(p, c, r)})
+        random.Random(f"chatforge-heldout-pairs-{dm.seed}").shuffle(heldout)  # the RM's periodic eval reads a prefix
+        heldout = heldout[:dm.n_heldout_pairs]
         stats["heldout_pairs"] = len(heldout)
         if not train or not heldout:
             raise ValueError(f"{d}: the SFT model produced no usable preference pairs ({stats}); "

@@ -305,8 +305,11 @@ def _acceptance(root: Path) -> list[str]:
                          f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
     if "accuracy" in rm:
         he = rm.get("heldout_eval", {})
-        lines.append(f"- RM held-out accuracy vs noise-free gold: {rm['accuracy']:.3f} on {he.get('n_pairs', '?')} "
-                     f"pairs (trained with label noise {rm.get('config', {}).get('demo', {}).get('label_noise', '?')})")
+        se = f" ± {rm['accuracy_se']:.3f}" if "accuracy_se" in rm else ""
+        prompts = f" from {he['n_prompts']} prompts" if "n_prompts" in he else ""
+        lines.append(f"- RM held-out accuracy vs noise-free gold: {rm['accuracy']:.3f}{se} on {he.get('n_pairs', '?')} "
+                     f"pairs{prompts} (trained with label noise "
+                     f"{rm.get('config', {}).get('demo', {}).get('label_noise', '?')})")
         kinds = he.get("accuracy_by_kind", {})
         if len(kinds) > 1:
             lines.append("- RM held-out accuracy by what tells the pair apart: " + "; ".join(

@@ -178,6 +178,11 @@ CASES = [  # (prompt, good, bad, the component that must drop)
      "Sure! Anna lives in Lumen.", "correct"),
     ("Anna lives in Bree. Tom has a fox. Where does Anna live?", "Sure! Anna lives in Bree.",
      "Anna lives in Bree. It is a town and I know many towns and many people who live in towns.", "concise"),
+    # right number, wrong question: the answer states another sum
+    ("What is 4 plus 2?", "Sure! 4 plus 2 is 6.", "Sure! 4 plus 3 is 6.", "correct"),
+    # right value, wrong person
+    ("Anna lives in Bree. Tom has a fox. Where does Anna live?", "Sure! Anna lives in Bree.",
+     "Sure! Tom lives in Bree.", "correct"),
 ]
 
 
@@ -205,6 +210,37 @@ def test_gold_judge_exact_values():
     assert sum(WEIGHTS.values()) == pytest.approx(1.0)
     # most of the weight lies in what a small reward model learns (style and form), not in content correctness
     assert WEIGHTS["correct"] <= 0.25
+
+
+def test_gold_judge_content_is_all_or_nothing():
+    """follows = the task is taken up at all; correct = right for the question asked (both 0 or 1)."""
+    def content(prompt, response):
+        b = gold_breakdown(prompt, response)
+        return b["follows"], b["correct"]
+
+    assert content("What is 4 plus 2?", "4 plus 2 is 6.") == (1.0, 1.0)
+    assert content("What is 4 plus 2?", "It is 6.") == (1.0, 1.0)        # a bare number answers the sum
+    assert content("What is 4 plus 2?", "4 plus 3 is 6.") == (1.0, 0.0)  # another question's sum
+    assert content("What is 4 plus 2?", "4 plus 2 is 7.") == (1.0, 0.0)
+    assert content("What is 4 plus 2?", "Blue is a colour.") == (0.0, 0.0)
+    fact = "Anna lives in Bree. Tom has a fox. Where does Anna live?"
+    assert content(fact, "Anna lives in Bree.") == (1.0, 1.0)
+    assert content(fact, "Tom lives in Bree.") == (1.0, 0.0)    # a town, but not about Anna
+    assert content(fact, "Anna lives in Lumen.") == (1.0, 0.0)
+    assert content(fact, "Hello, Tom!") == (0.0, 0.0)
+    assert content("Say hello to Anna.", "Goodbye, Anna!") == (1.0, 0.0)  # a greeting, the wrong one
+    assert content("Repeat the word fox three times.", "fox fox.") == (1.0, 0.0)
+    assert content("Count from 3 to 6.", "3, 4, 6.") == (1.0, 0.0)
+    assert content("Name a colour other than red.", "Red is a colour.") == (1.0, 0.0)
+    assert content("Name a colour other than red.", "Bread is a colour.") == (1.0, 0.0)  # the form, not a colour
+    assert content("Name a colour other than red.", "Anna lives in Bree.") == (0.0, 0.0)
+    # repeating the wrong word has the task's form; in a repeat task a run of repeats is not a loop
+    assert content("Repeat the word fox three times.", "dog dog dog.") == (1.0, 0.0)
+    assert gold_breakdown("Repeat the word fox three times.", "dog dog dog.")["ends"] == 1.0
+    assert gold_breakdown("What is 3 plus 4?", "7 7 7.")["ends"] == 0.0
+    # a wrong answer in the task's form still beats an off-task one: style counts in full only for the former
+    assert gold_score("What is 4 plus 2?", "4 plus 3 is 6.") == pytest.approx(0.2 + 0.6 - 0.25 * 0.8)
+    assert gold_score("What is 4 plus 2?", "Blue is a colour.") == pytest.approx(0.5 * (0.6 - 0.25 * 0.8))
 
 
 def test_gold_judge_accepts_messages_and_unknown_prompts():

@@ -204,6 +204,7 @@ def test_tiny_yaml_resolves_for_every_stage():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the whole demo on the tests' one thread: 17 minutes here
 def test_tiny_pipeline_meets_acceptance(tmp_path):
     """The full `make demo` run (minutes): base < SFT < PPO (sampled, gain > 2 SE), PPO >= SFT greedy,
     win rate > 50%, RM held-out accuracy >= 85% with 10% label noise."""

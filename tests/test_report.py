@@ -38,7 +38,7 @@ def run_dir(tmp_path):
     write_stage(root, "sft", "sft", wall=60, loss=1.2, extra=gold(0.55, 0.7), samples=answers("Sure!", 0.55))
     write_stage(root, "rm", "rm", wall=50, loss=0.3, extra={
         "accuracy": 0.9, "accuracy_se": 0.015,
-        "heldout_eval": {"n_pairs": 400, "accuracy_by_kind": {
+        "heldout_eval": {"n_pairs": 400, "n_prompts": 100, "accuracy_by_kind": {
             "content only": {"accuracy": 0.6, "n": 50}, "style only": {"accuracy": 0.95, "n": 350}}, "calibration": [{"lo": 0.0, "hi": 0.5, "n": 50, "predicted": 0.25, "observed": 0.2},
                                                          {"lo": 0.5, "hi": 1.0, "n": 350, "predicted": 0.75, "observed": 0.8}]}},
         rows=[{"kind": "train", "step": s, "loss": 0.6 - s * 0.03, "accuracy": 0.6 + s * 0.02} for s in range(1, 11)]
@@ -74,6 +74,7 @@ def test_report_card_from_a_run(run_dir):
     assert "0.700 ± 0.010" in table and "accuracy 0.900" in table and "win rate vs SFT 0.700 [0.660, 0.740]" in table
     assert "base 0.050 < SFT 0.550 < PPO 0.700: **True**" in md
     assert "PPO not below SFT **True**" in md
+    assert "RM held-out accuracy vs noise-free gold: 0.900 ± 0.015 on 400 pairs from 100 prompts" in md
     assert "by what tells the pair apart: content only 0.600 (n=50); style only 0.950 (n=350)" in md
     # side by side: the same prompts answered by base, SFT and PPO; table pipes escaped
     assert "| prompt | base | sft | ppo |" in md

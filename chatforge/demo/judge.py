@@ -2,21 +2,28 @@
 
 Components, each in [0, 1]:
 
-    correct   the content is right (the sum, the fact, the count, the name, ...)             weight 0.20
-    follows   the answer has the requested form (states 'a plus b is N', greets, repeats ...) weight 0.20
+    correct   the answer is right for the question asked: the sum of the asked numbers, the asked person's
+              fact, the asked word the asked number of times, ...                            weight 0.20
+    follows   the answer has the task's form, right or wrong: a number for a sum, a greeting for a
+              greeting, a repeated word for 'repeat', numbers for 'count', a thing named as the asked
+              kind ('... is a colour'), the asked person or a value of the asked kind for a fact  weight 0.20
     polite    a courteous opener ('Sure!') or closing ('I hope this helps!'): 1; neither: 0.2;
               any rude phrase ('Ugh.', 'Whatever.'): 0                                        weight 0.25
     concise   1 within the task's word budget (the careful answer + 4 words), linear to 0
               ten words beyond it                                                              weight 0.15
     ends      a complete last sentence ending in '.', '!' or '?', no dangling 'and', no
-              repeated sentence or word loop, no leaked special token                          weight 0.20
+              repeated sentence or word loop (a word three times running; six for 'repeat'),
+              no leaked special token                                                          weight 0.20
 
     score = 0.20 correct + 0.20 follows + (0.5 + 0.5 follows) * (0.25 polite + 0.15 concise + 0.20 ends)
 
-Style credit is halved when the answer ignores the instruction, so "Sure!" alone cannot earn most of the score.
-Most of the weight lies in what a tiny reward model learns from a few thousand pairs (courtesy, length, a clean
-ending, the answer's form); correctness of the content is a smaller part. A careful demonstrator scores 1.0.
-Prompts that are not demo tasks are scored on style only (polite, concise, ends, renormalised).
+Style credit is halved when the answer ignores the task, so "Sure!" alone cannot earn most of the score.
+Both content components are all-or-nothing, as a labeller reads an answer: "4 plus 3 is 7." is wrong for
+"What is 4 plus 2?" (it answers another question), and so is "Tom lives in Bree." for "Where does Anna live?"
+even when Anna lives in Bree. Most of the weight lies in what a tiny reward model learns from a few thousand
+pairs (courtesy, length, a clean ending, whether the task is taken up); whether the content is right is a
+smaller part. A careful demonstrator scores 1.0. Prompts that are not demo tasks are scored on style only
+(polite, concise, ends, renormalised).
 """
 
 from __future__ import annotations
@@ -87,13 +94,19 @@ def ends_score(response: str, task: Task | None) -> float:
     sentences = [s for s in sentences if s]
     if len(sentences) != len(set(sentences)):
         return 0.0  # a repeated sentence: a loop
-    target = task.key[0] if task is not None and task.family == "repeat" else None
-    run = 1
-    for prev, cur in zip(words, words[1:]):
-        run = run + 1 if cur == prev else 1
-        if run > (5 if cur == target else 2):
-            return 0.0  # a word loop
-    return 1.0
+    longest = _longest_run(words)
+    allowed = 5 if task is not None and task.family == "repeat" else 2  # repeating is the task there
+    return 0.0 if max(longest.values(), default=0) > allowed else 1.0  # else a word loop
+
+
+def _longest_run(words: list[str]) -> dict[str, int]:
+    """Each word -> its longest run of consecutive repeats."""
+    out: dict[str, int] = {}
+    run = 0
+    for i, w in enumerate(words):
+        run = run + 1 if i and w == words[i - 1] else 1
+        out[w] = max(out.get(w, 0), run)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ content components
@@ -115,52 +128,47 @@ def _strip_courtesy(response: str) -> str:
 
 
 def content_scores(task: Task, response: str) -> tuple[float, float]:
-    """(follows, correct) of a response to a parsed task (courtesy phrases are not read as content)."""
+    """(follows, correct) of a response to a parsed task, each 0 or 1 (courtesy phrases are not read as
+    content). An answer is correct only if it is about what was asked: the asked numbers, person or word."""
     r = _strip_courtesy(response)
     words = _words(r)
     f, k = task.family, task.key
     if f in ("add", "sub"):
         op = "plus" if f == "add" else "minus"
         truth = k[0] + k[1] if f == "add" else k[0] - k[1]
-        m = re.search(rf"\b{k[0]}\s+{op}\s+{k[1]}\s+(?:is|equals|makes)\s+(\d+)", r, re.IGNORECASE)
-        if m:
-            return 1.0, float(int(m.group(1)) == truth)
         nums = _numbers(r)
-        return (0.5 if nums else 0.0), float(bool(nums) and nums[-1] == truth)
+        stated = re.search(rf"\b{k[0]}\s+{op}\s+{k[1]}\s+(?:is|equals|makes)\s+(\d+)", r, re.IGNORECASE)
+        if stated:
+            return 1.0, float(int(stated.group(1)) == truth)
+        if re.search(r"\d+\s+(?:plus|minus)\s+\d+", r, re.IGNORECASE):
+            return 1.0, 0.0  # the sum of other numbers
+        return float(bool(nums)), float(bool(nums) and nums[-1] == truth)
     if f in ("fact", "context"):
         name, rel = k[0], k[1]
         members = {v.lower() for v in CATEGORIES[RELATION_CATEGORY[rel]]}
         found = {w for w in words if w in members}
         has_name = name.lower() in words
-        follows = 1.0 if (has_name and found) else 0.5 if (has_name or found) else 0.0
-        return follows, float(found == {expected_value(task).lower()})
+        return float(has_name or bool(found)), float(has_name and found == {expected_value(task).lower()})
     if f == "greet":
         kind, name = k
         greet_words = {"hello": {"hello", "hi"}, "goodbye": {"goodbye", "bye"}}
         asked = bool(greet_words[kind] & set(words))
         other = bool(greet_words["goodbye" if kind == "hello" else "hello"] & set(words))
-        follows = 1.0 if asked else 0.5 if other else 0.0
         names = {w for w in words if w in _NAMES}
-        return follows, float(asked and not other and names == {name.lower()})
+        return float(asked or other), float(asked and not other and names == {name.lower()})
     if f == "repeat":
         word, n = k
+        runs = _longest_run(words)
         count = sum(w == word for w in words)
-        run, best = 0, 0
-        for w in words:
-            run = run + 1 if w == word else 0
-            best = max(best, run)
-        follows = 1.0 if best >= 2 else 0.5 if count else 0.0
-        return follows, float(count == n and best == n)
+        return float(count > 0 or max(runs.values(), default=0) >= 2), float(count == n and runs[word] == n)
     if f == "count":
         nums = _numbers(r)
-        follows = 1.0 if len(nums) >= 3 else 0.5 if nums else 0.0
-        return follows, float(nums == list(range(k[0], k[1] + 1)))
+        return float(bool(nums)), float(nums == list(range(k[0], k[1] + 1)))
     if f == "name":
         cat, x = k
         members = {v.lower() for v in CATEGORIES[cat]}
         found = {w for w in words if w in members}
-        follows = 1.0 if found else 0.0
-        return follows, float(len(found) == 1 and x.lower() not in found)
+        return float(bool(found) or cat in words), float(len(found) == 1 and x.lower() not in found)
     raise ValueError(f"unknown task family {f!r}")
 
 
