@@ -47,7 +47,7 @@ def mean_se(xs: Sequence[float]) -> tuple[float, float]:
 def clustered_se(xs: Sequence[float], groups: Sequence) -> tuple[float, float]:
     """(mean, standard error of the mean) when values that share a group are correlated (several pairs from
     one prompt): se^2 = G/(G-1) * sum_g (sum_{i in g} (x_i - mean))^2 / n^2 over G groups. One value per group
-    gives :func:`mean_se`'s se; identical values within each group give the se of the group means."""
+    gives :func:`mean_se`'s se; identical values within equally large groups give the se of the group means."""
     n = len(xs)
     if n == 0:
         return float("nan"), float("nan")
@@ -147,11 +147,12 @@ def gold_eval_dir(model_dir: str | Path, prompts: Sequence[str], *, max_new_toke
     in ``<dir>/chatforge.json`` and writes every answer with its scores to ``<dir>/eval_samples.jsonl``.
     Skipped (the recorded result returned) when the weights, prompts and settings are unchanged.
     """
-    from chatforge.demo.judge import gold_breakdown
+    from chatforge.demo.judge import JUDGE_VERSION, gold_breakdown
     from chatforge.model.load import load_causal_lm
 
     model_dir = Path(model_dir)
-    fp = hashlib.sha256(json.dumps([model_digest(model_dir), list(prompts), max_new_tokens, seed]).encode()).hexdigest()[:16]
+    fp = hashlib.sha256(json.dumps([model_digest(model_dir), list(prompts), max_new_tokens, seed,
+                                    JUDGE_VERSION]).encode()).hexdigest()[:16]
     info = read_run_info(model_dir)
     if not force and info.get("gold_eval", {}).get("fingerprint") == fp and (model_dir / EVAL_SAMPLES).is_file():
         return info["gold_eval"]
@@ -271,8 +272,9 @@ def rm_eval_dir(rm_dir: str | Path, pairs: Sequence[dict], *, batch_size: int = 
         return None if g is None else "gap<0.05" if g < 0.05 else "0.05<=gap<0.2" if g < 0.2 else "gap>=0.2"
 
     # pairs from one prompt are correlated: the standard error counts prompts, not pairs
-    se = clustered_se([float(m > 0) for m in margins], prompts)[1]
-    out = {"accuracy": acc, "accuracy_se": se, "n_pairs": len(pairs), "n_prompts": len(set(prompts)),
+    keys = [p if isinstance(p, str) else json.dumps(p) for p in prompts]  # a prompt may be a message list
+    se = clustered_se([float(m > 0) for m in margins], keys)[1]
+    out = {"accuracy": acc, "accuracy_se": se, "n_pairs": len(pairs), "n_prompts": len(set(keys)),
            "margin_mean": sum(margins) / len(margins),
            "accuracy_by_kind": by(lambda p: p.get("kind", "sampled")),
            "accuracy_by_gold_gap": by(gap_bin),

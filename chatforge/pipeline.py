@@ -157,9 +157,11 @@ class Pipeline:
     def step_data(self) -> StepResult:
         """Generate the demo world into data/ (regenerated only when the demo settings change)."""
         d = self.demo
+        from chatforge.demo.judge import JUDGE_VERSION
+
         spec = {"seed": d.seed, "corpus_mb": d.corpus_mb, "n_sft": d.n_sft, "n_pairs": d.n_pairs,
                 "n_rl_prompts": d.n_rl_prompts, "n_eval_prompts": d.n_eval_prompts, "label_noise": d.label_noise}
-        fp = digest(spec)
+        fp = digest({**spec, "judge": JUDGE_VERSION})  # the variant pairs are labelled by the judge
         meta = self.data_dir / "world.json"
         if "data" not in self.force and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp \
                 and all(self.data_file(k).is_file() for k in ("corpus", "sft", "preferences", "rl_prompts", "eval_prompts")):
@@ -267,7 +269,7 @@ class Pipeline:
         heldout.jsonl: the same construction on the held-out evaluation prompts, with noise-free gold labels
         (at most ``demo.n_heldout_pairs``, in random order).
         """
-        from chatforge.demo.judge import difference_kind, gold_score
+        from chatforge.demo.judge import JUDGE_VERSION, difference_kind, gold_score
         from chatforge.demo.preferences import label_pairs
         from chatforge.demo.tasks import rl_prompts
         from chatforge.evaluate import generate
@@ -279,7 +281,7 @@ class Pipeline:
                               "(or without --stages)")
         spec = {"sft": model_digest(self.path("sft")), **self.data_digest("preferences", "eval_prompts"),
                 "n_sampled": dm.n_sampled_pair_prompts, "k": dm.samples_per_pair_prompt, "n_heldout": dm.n_heldout_pairs, "noise": dm.label_noise,
-                "seed": dm.seed, "max_new_tokens": dm.eval_max_new_tokens}
+                "seed": dm.seed, "max_new_tokens": dm.eval_max_new_tokens, "judge": JUDGE_VERSION}
         fp = digest(spec)
         rec = d / PIPELINE_FILE
         if "pairs" not in self.force and rec.is_file() and json.loads(rec.read_text()).get("fingerprint") == fp:
@@ -325,8 +327,8 @@ class Pipeline:
                 c, r = (a, b) if sa > sb else (b, a)
                 heldout.append({"prompt": p, "chosen": c, "rejected": r, "gold_gap": abs(sa - sb),
                                 "kind": difference_kind(p, c, r)})
-        random.Random(f"chatforge-heldout-pairs-{dm.seed}").shuffle(heldout)  # the RM's periodic eval reads a prefix
-        heldout = heldout[:dm.n_heldout_pairs]
+        random.Random(f"chatforge-heldout-pairs-{dm.seed}").shuffle(heldout)
+        heldout = heldout[:dm.n_heldout_pairs]  # a random subset when capped
         stats["heldout_pairs"] = len(heldout)
         if not train or not heldout:
             raise ValueError(f"{d}: the SFT model produced no usable preference pairs ({stats}); "

@@ -222,6 +222,10 @@ def test_gold_judge_content_is_all_or_nothing():
     assert content("What is 4 plus 2?", "It is 6.") == (1.0, 1.0)        # a bare number answers the sum
     assert content("What is 4 plus 2?", "4 plus 3 is 6.") == (1.0, 0.0)  # another question's sum
     assert content("What is 4 plus 2?", "4 plus 2 is 7.") == (1.0, 0.0)
+    assert content("What is 4 plus 2?", "2 plus 4 is 6.") == (1.0, 1.0)  # a sum reads both ways
+    assert content("What is 4 plus 2?", "4 + 2 = 6.") == (1.0, 1.0)
+    assert content("What is 4 minus 2?", "2 minus 4 is 2.") == (1.0, 0.0)  # a difference does not
+    assert content("What is 4 minus 2?", "4 - 2 = 2.") == (1.0, 1.0)
     assert content("What is 4 plus 2?", "Blue is a colour.") == (0.0, 0.0)
     fact = "Anna lives in Bree. Tom has a fox. Where does Anna live?"
     assert content(fact, "Anna lives in Bree.") == (1.0, 1.0)
@@ -237,6 +241,8 @@ def test_gold_judge_content_is_all_or_nothing():
     # repeating the wrong word has the task's form; in a repeat task a run of repeats is not a loop
     assert content("Repeat the word fox three times.", "dog dog dog.") == (1.0, 0.0)
     assert gold_breakdown("Repeat the word fox three times.", "dog dog dog.")["ends"] == 1.0
+    assert gold_breakdown("Repeat the word fox three times.", "fox fox fox fox fox.")["ends"] == 1.0
+    assert gold_breakdown("Repeat the word fox three times.", "the the the the fox.")["ends"] == 0.0
     assert gold_breakdown("What is 3 plus 4?", "7 7 7.")["ends"] == 0.0
     # a wrong answer in the task's form still beats an off-task one: style counts in full only for the former
     assert gold_score("What is 4 plus 2?", "4 plus 3 is 6.") == pytest.approx(0.2 + 0.6 - 0.25 * 0.8)

@@ -18,12 +18,12 @@ def test_clustered_se_reduces_to_mean_se_and_to_the_group_means():
     xs = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
     # one value per group: the ordinary standard error
     assert clustered_se(xs, range(len(xs))) == pytest.approx(mean_se(xs))
-    # identical values within each group: the standard error of the group means (G = 3 here)
+    # identical values within equally large groups: the standard error of the group means (G = 3 here)
     ys = [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
     m, se = clustered_se(ys, ["a", "a", "b", "b", "c", "c"])
     assert m == pytest.approx(4 / 6)
     assert se == pytest.approx(mean_se([1.0, 0.0, 1.0])[1])
-    # by hand: m = 0.5, residual sums per group +1, -1, 0 -> sqrt(3/2 * 2) / 4
+    # by hand: m = 0.5, residual sums per group +1, -1, 0 -> sqrt(3/2 * 2) / 6
     assert clustered_se([1.0, 1.0, 0.0, 0.0, 1.0, 0.0], [0, 0, 1, 1, 2, 2])[1] == pytest.approx(math.sqrt(3.0) / 6)
     assert clustered_se([1.0, 0.0], ["p", "p"]) == (0.5, 0.0)  # one group: no spread to measure
     with pytest.raises(ValueError):

@@ -5,22 +5,24 @@ Components, each in [0, 1]:
     correct   the answer is right for the question asked: the sum of the asked numbers, the asked person's
               fact, the asked word the asked number of times, ...                            weight 0.20
     follows   the answer has the task's form, right or wrong: a number for a sum, a greeting for a
-              greeting, a repeated word for 'repeat', numbers for 'count', a thing named as the asked
-              kind ('... is a colour'), the asked person or a value of the asked kind for a fact  weight 0.20
+              greeting, the asked word or a repeated word for 'repeat', numbers for 'count', a thing
+              named as the asked kind ('... is a colour'), the asked person or a value of the asked
+              kind for a fact                                                                  weight 0.20
     polite    a courteous opener ('Sure!') or closing ('I hope this helps!'): 1; neither: 0.2;
               any rude phrase ('Ugh.', 'Whatever.'): 0                                        weight 0.25
     concise   1 within the task's word budget (the careful answer + 4 words), linear to 0
               ten words beyond it                                                              weight 0.15
     ends      a complete last sentence ending in '.', '!' or '?', no dangling 'and', no
-              repeated sentence or word loop (a word three times running; six for 'repeat'),
-              no leaked special token                                                          weight 0.20
+              repeated sentence or word loop (a word three times running; in a repeat task the
+              asked word six times, another word more than the asked count), no leaked special token
+                                                                                               weight 0.20
 
     score = 0.20 correct + 0.20 follows + (0.5 + 0.5 follows) * (0.25 polite + 0.15 concise + 0.20 ends)
 
 Style credit is halved when the answer ignores the task, so "Sure!" alone cannot earn most of the score.
 Both content components are all-or-nothing, as a labeller reads an answer: "4 plus 3 is 7." is wrong for
-"What is 4 plus 2?" (it answers another question), and so is "Tom lives in Bree." for "Where does Anna live?"
-even when Anna lives in Bree. Most of the weight lies in what a tiny reward model learns from a few thousand
+"What is 4 plus 2?" (it answers another question; "2 plus 4 is 6." is right), and so is "Tom lives in Bree."
+for "Where does Anna live?" even when Anna lives in Bree (an answer to a fact question names the person). Most of the weight lies in what a tiny reward model learns from a few thousand
 pairs (courtesy, length, a clean ending, whether the task is taken up); whether the content is right is a
 smaller part. A careful demonstrator scores 1.0. Prompts that are not demo tasks are scored on style only
 (polite, concise, ends, renormalised).
@@ -38,6 +40,8 @@ from chatforge.demo.world import CATEGORIES, NAMES, RELATION_CATEGORY
 
 WEIGHTS = {"correct": 0.20, "follows": 0.20, "polite": 0.25, "concise": 0.15, "ends": 0.20}
 STYLE_KEYS = ("polite", "concise", "ends")
+JUDGE_VERSION = 2
+"""Bumped whenever a change to the judge changes a score: run directories relabel and re-evaluate."""
 
 NEUTRAL_POLITE = 0.2
 RUDE_PATTERN = re.compile(
@@ -94,9 +98,13 @@ def ends_score(response: str, task: Task | None) -> float:
     sentences = [s for s in sentences if s]
     if len(sentences) != len(set(sentences)):
         return 0.0  # a repeated sentence: a loop
-    longest = _longest_run(words)
-    allowed = 5 if task is not None and task.family == "repeat" else 2  # repeating is the task there
-    return 0.0 if max(longest.values(), default=0) > allowed else 1.0  # else a word loop
+    allowed = {}  # in a repeat task repeating is the task: the asked word up to 5 times, any word up to n times
+    if task is not None and task.family == "repeat":
+        allowed = {task.key[0]: 5, None: max(2, task.key[1])}
+    for w, run in _longest_run(words).items():
+        if run > allowed.get(w, allowed.get(None, 2)):
+            return 0.0  # a word loop
+    return 1.0
 
 
 def _longest_run(words: list[str]) -> dict[str, int]:
@@ -134,14 +142,16 @@ def content_scores(task: Task, response: str) -> tuple[float, float]:
     words = _words(r)
     f, k = task.family, task.key
     if f in ("add", "sub"):
-        op = "plus" if f == "add" else "minus"
         truth = k[0] + k[1] if f == "add" else k[0] - k[1]
         nums = _numbers(r)
-        stated = re.search(rf"\b{k[0]}\s+{op}\s+{k[1]}\s+(?:is|equals|makes)\s+(\d+)", r, re.IGNORECASE)
-        if stated:
-            return 1.0, float(int(stated.group(1)) == truth)
-        if re.search(r"\d+\s+(?:plus|minus)\s+\d+", r, re.IGNORECASE):
-            return 1.0, 0.0  # the sum of other numbers
+        sign = r"(?:plus|\+)" if f == "add" else r"(?:minus|-)"
+        operands = [(k[0], k[1]), (k[1], k[0])] if f == "add" else [(k[0], k[1])]  # a sum reads both ways
+        for a, b in operands:
+            stated = re.search(rf"\b{a}\s*{sign}\s*{b}\s*(?:is|equals|makes|=)\s*(\d+)", r, re.IGNORECASE)
+            if stated:
+                return 1.0, float(int(stated.group(1)) == truth)
+        if re.search(r"\d+\s*(?:plus|minus|\+|-)\s*\d+", r, re.IGNORECASE):
+            return 1.0, 0.0  # the sum or difference of other numbers
         return float(bool(nums)), float(bool(nums) and nums[-1] == truth)
     if f in ("fact", "context"):
         name, rel = k[0], k[1]
