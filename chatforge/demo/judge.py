@@ -98,11 +98,10 @@ def ends_score(response: str, task: Task | None) -> float:
     sentences = [s for s in sentences if s]
     if len(sentences) != len(set(sentences)):
         return 0.0  # a repeated sentence: a loop
-    allowed = {}  # in a repeat task repeating is the task: the asked word up to 5 times, any word up to n times
-    if task is not None and task.family == "repeat":
-        allowed = {task.key[0]: 5, None: max(2, task.key[1])}
+    repeat = task is not None and task.family == "repeat"  # there repeating is the task
     for w, run in _longest_run(words).items():
-        if run > allowed.get(w, allowed.get(None, 2)):
+        limit = (5 if w == task.key[0] else max(2, task.key[1])) if repeat else 2
+        if run > limit:
             return 0.0  # a word loop
     return 1.0
 
