@@ -155,10 +155,10 @@ class Pipeline:
     # ---- steps -----------------------------------------------------------------------------------------------
 
     def step_data(self) -> StepResult:
-        """Generate the demo world into data/ (regenerated only when the demo settings change)."""
-        d = self.demo
+        """Generate the demo world into data/ (regenerated only when the demo settings or the judge change)."""
         from chatforge.demo.judge import JUDGE_VERSION
 
+        d = self.demo
         spec = {"seed": d.seed, "corpus_mb": d.corpus_mb, "n_sft": d.n_sft, "n_pairs": d.n_pairs,
                 "n_rl_prompts": d.n_rl_prompts, "n_eval_prompts": d.n_eval_prompts, "label_noise": d.label_noise}
         fp = digest({**spec, "judge": JUDGE_VERSION})  # the variant pairs are labelled by the judge

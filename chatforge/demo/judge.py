@@ -22,9 +22,9 @@ Components, each in [0, 1]:
 Style credit is halved when the answer ignores the task, so "Sure!" alone cannot earn most of the score.
 Both content components are all-or-nothing, as a labeller reads an answer: "4 plus 3 is 7." is wrong for
 "What is 4 plus 2?" (it answers another question; "2 plus 4 is 6." is right), and so is "Tom lives in Bree."
-for "Where does Anna live?" even when Anna lives in Bree (an answer to a fact question names the person). Most of the weight lies in what a tiny reward model learns from a few thousand
-pairs (courtesy, length, a clean ending, whether the task is taken up); whether the content is right is a
-smaller part. A careful demonstrator scores 1.0. Prompts that are not demo tasks are scored on style only
+for "Where does Anna live?" even when Anna lives in Bree (an answer to a fact question names the person).
+Most of the weight lies in what a tiny reward model learns from a few thousand pairs (courtesy, length, a
+clean ending, whether the task is taken up); whether the content is right is a smaller part. A careful demonstrator scores 1.0. Prompts that are not demo tasks are scored on style only
 (polite, concise, ends, renormalised).
 """
 
