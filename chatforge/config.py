@@ -166,6 +166,9 @@ class RMConfig:
     """Bins of the held-out calibration table."""
     norm_samples: int = 512
     """Responses scored to compute the normalisation mean/std stored in chatforge.json."""
+    group_by_prompt: bool = True
+    """Batch the pairs of one prompt together and score each distinct answer once (InstructGPT's K-wise
+    batching: K answers ranked for a prompt give K(K-1)/2 pairs for K forward passes)."""
 
 
 @dataclass

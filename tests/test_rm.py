@@ -12,7 +12,7 @@ import torch
 
 from chatforge.config import ConfigError, load_config
 from chatforge.data.batching import BucketBatcher, pad
-from chatforge.data.pairs import collate_pairs, load_pair_data
+from chatforge.data.pairs import collate_unique, load_pair_data
 from chatforge.data.records import DataError
 from chatforge.model.heads import gather_last
 from chatforge.model.load import load_causal_lm, scalar_from_causal
@@ -89,12 +89,14 @@ def test_bradley_terry_and_accuracy_through_the_stage_on_hand_values(micro_base)
     from chatforge.data.pairs import TokenPair
 
     pairs = [TokenPair([0, 3, 7, 4], [9, 5], [9, 9, 9, 5], "x:1"),  # lengths 6 vs 8
-             TokenPair([0, 3, 4], [9, 9, 9, 5], [5], "x:2")]  # lengths 7 vs 4
-    batch = collate_pairs(pairs, pad_id=1)
+             TokenPair([0, 3, 4], [9, 9, 9, 5], [5], "x:2"),  # lengths 7 vs 4
+             TokenPair([0, 3, 7, 4], [9, 9, 9, 5], [9, 5], "x:3")]  # x:1's answers, swapped: no new rows
+    batch = collate_unique(pairs, pad_id=1)
     assert batch.ids.shape == (4, 8) and batch.ids[0, 6:].tolist() == [1, 1]  # right-padded with <|pad|>
-    assert batch.response_mask[0].tolist() == [0, 0, 0, 0, 1, 1, 0, 0]
+    assert batch.chosen.tolist() == [0, 1, 2] and batch.rejected.tolist() == [2, 3, 0]  # each sequence once
     r_c, r_r = rm.pair_rewards(LengthModel(), batch)
-    assert r_c.tolist() == [6.0, 7.0] and r_r.tolist() == [8.0, 4.0]
+    assert r_c.tolist() == [6.0, 7.0, 8.0] and r_r.tolist() == [8.0, 4.0, 6.0]
+    r_c, r_r = r_c[:2], r_r[:2]
     from chatforge import losses
 
     m = 0.5
@@ -124,8 +126,8 @@ def test_reward_read_at_end_token_for_left_and_right_padding(micro_base):
     from chatforge.data.pairs import TokenPair
 
     p0 = render_prompt(tok, [{"role": "user", "content": "What is 2 plus 9?"}])
-    batch = collate_pairs([TokenPair(p0, seqs[0][len(p0):], render_response(tok, "No idea, sorry about that."), "x:1")],
-                          tok.pad_id)
+    batch = collate_unique([TokenPair(p0, seqs[0][len(p0):], render_response(tok, "No idea, sorry about that."), "x:1")],
+                           tok.pad_id)
     r_c, _ = rm.pair_rewards(model, batch)
     torch.testing.assert_close(r_c, alone[:1], rtol=1e-5, atol=1e-5)
 

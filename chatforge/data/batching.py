@@ -33,13 +33,26 @@ def pad(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "right", leng
 
 
 class BucketBatcher:
-    """Yields, per optimizer step, this rank's micro-batches as lists of example indices."""
+    """Yields, per optimizer step, this rank's micro-batches as lists of example indices.
+
+    ``groups`` (one key per example, e.g. the prompt of a preference pair) keeps the examples of a group
+    adjacent: the epoch shuffles whole groups, and length sorting moves whole groups (by their longest
+    example), so a batch holds a few groups entire and a sequence shared within a group is computed once.
+    """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int, *, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, bucket: bool = True):
+                 rank: int = 0, world_size: int = 1, bucket: bool = True, groups: Sequence | None = None):
         if not lengths:
             raise ValueError("no training examples")
+        if groups is not None and len(groups) != len(lengths):
+            raise ValueError(f"groups: {len(groups)} keys for {len(lengths)} examples")
         self.lengths = list(lengths)
+        self.units = None  # lists of example indices that stay adjacent; None = every example alone
+        if groups is not None:
+            by_key: dict = {}
+            for i, k in enumerate(groups):
+                by_key.setdefault(k, []).append(i)
+            self.units = list(by_key.values())
         self.B, self.A, self.W, self.rank = batch_size, grad_accum, world_size, rank
         self.seed, self.bucket = seed, bucket
         self.epoch, self.pos = 0, 0
@@ -52,16 +65,24 @@ class BucketBatcher:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         n, G = len(self.lengths), self.global_batch
-        order = torch.randperm(n, generator=g).tolist()
-        while len(order) < G:  # fewer examples than one global batch: repeat them
-            order += torch.randperm(n, generator=g).tolist()
+        if self.units is None:
+            order = torch.randperm(n, generator=g).tolist()
+            while len(order) < G:  # fewer examples than one global batch: repeat them
+                order += torch.randperm(n, generator=g).tolist()
+            keys = [self.lengths[i] for i in order]
+        else:  # whole groups in random order, each keyed by (its longest example, its place)
+            units: list[list[int]] = []
+            while sum(map(len, units)) < G or not units:
+                units += [self.units[u] for u in torch.randperm(len(self.units), generator=g).tolist()]
+            order = [i for u in units for i in u]
+            keys = [(max(self.lengths[i] for i in u), r) for r, u in enumerate(units) for _ in u]
         usable = len(order) - len(order) % G
-        order = order[:usable]
         batches = []
         for p in range(0, usable, G * POOL):
-            pool = order[p : p + G * POOL]
+            pos = range(p, min(p + G * POOL, usable))
             if self.bucket:
-                pool = sorted(pool, key=lambda i: self.lengths[i])
+                pos = sorted(pos, key=keys.__getitem__)  # stable: equal keys keep their order
+            pool = [order[j] for j in pos]
             batches += [pool[i : i + G] for i in range(0, len(pool), G)]
         perm = torch.randperm(len(batches), generator=g).tolist()
         return [batches[i] for i in perm]

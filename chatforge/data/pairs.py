@@ -158,5 +158,41 @@ def collate_pairs(pairs: Sequence[TokenPair], pad_id: int, length: Optional[int]
     return PairBatch(ids, attn, response_mask)
 
 
+@dataclass
+class PairSequences:
+    """The distinct sequences of B pairs, each once (pairs of one prompt share answers: six answers make
+    fifteen pairs). ids (U, T) right-padded with pad_id; attention_mask (U, T) 1 = real token;
+    chosen (B,) and rejected (B,): the row of ids holding each pair's prompt+chosen / prompt+rejected."""
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.chosen.shape[0]
+
+    def to(self, device) -> "PairSequences":
+        return PairSequences(*(t.to(device, non_blocking=True) for t in (self.ids, self.attention_mask, self.chosen,
+                                                                           self.rejected)))
+
+
+def collate_unique(pairs: Sequence[TokenPair], pad_id: int) -> PairSequences:
+    """Stack the distinct prompt+response sequences of ``pairs`` into one right-padded batch (see
+    :class:`PairSequences`), in order of first appearance."""
+    rows: dict[tuple[int, ...], int] = {}
+
+    def row(seq: list[int]) -> int:
+        return rows.setdefault(tuple(seq), len(rows))
+
+    chosen = [row(p.prompt + p.chosen) for p in pairs]
+    rejected = [row(p.prompt + p.rejected) for p in pairs]
+    seqs = list(rows)
+    ids = pad(seqs, pad_id, "right")  # (U, T)
+    attn = pad([[1] * len(s) for s in seqs], 0, "right")  # (U, T)
+    return PairSequences(ids, attn, torch.tensor(chosen), torch.tensor(rejected))
+
+
 def pair_lengths(pairs: Sequence[TokenPair]) -> list[int]:
     return [p.length for p in pairs]

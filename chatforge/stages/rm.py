@@ -3,7 +3,8 @@
 The model is the SFT trunk plus a scalar head ``score`` ~ N(0, 1/sqrt(d+1)). A sequence's reward
 is the head's output at its last real token, which is the response's ``<|end|>`` (sequences are
 right-padded and end exactly there, as transformers' LlamaForSequenceClassification reads them).
-Chosen and rejected sequences of a pair share one forward pass. Loss per pair
+The distinct sequences of a micro-batch share one forward pass; with ``rm.group_by_prompt`` the pairs of
+one prompt are batched together, so an answer that is in several pairs is computed once. Loss per pair
 ``-log sigmoid(r_c - r_r - margin)``, summed and divided by the global pair count of the step.
 
 After training, the mean and std of the rewards of a reference set (held-out then training
@@ -23,7 +24,7 @@ from chatforge import distributed as D
 from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.data.batching import BucketBatcher, eval_batches, pad
-from chatforge.data.pairs import PairData, collate_pairs, load_pair_data, pair_lengths
+from chatforge.data.pairs import PairData, PairSequences, collate_unique, load_pair_data, pair_lengths
 from chatforge.model.heads import gather_last
 from chatforge.model.hf_causal import fresh_like
 from chatforge.model.load import load_causal_lm, scalar_from_causal
@@ -32,16 +33,16 @@ from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_d
 from chatforge.trainer import Trainer
 
 
-def pair_rewards(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen (B,), r_rejected (B,)) of a right-padded PairBatch, read at each row's last real token.
+def pair_rewards(model: torch.nn.Module, batch: PairSequences) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen (B,), r_rejected (B,)) of B pairs whose U distinct sequences are ``batch.ids``, each read at
+    its last real token (a sequence shared by several pairs is computed once).
 
     Right padding and causal attention: padding sits after every real token, so it cannot change
     them and the fast causal path (no mask) is exact; gather_last picks the <|end|> position.
     """
-    values = model(batch.ids)  # (2B, T) fp32
-    r = gather_last(values, batch.attention_mask)  # (2B,)
-    B = batch.num_pairs
-    return r[:B], r[B:]
+    values = model(batch.ids)  # (U, T) fp32
+    r = gather_last(values, batch.attention_mask)  # (U,)
+    return r[batch.chosen], r[batch.rejected]
 
 
 def calibration_table(r_c: torch.Tensor, r_r: torch.Tensor, bins: int) -> tuple[list[dict], float]:
@@ -113,7 +114,8 @@ def run(cfg: Config, out: str | Path) -> dict:
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     step_pairs = B * A * W  # BucketBatcher always fills every micro-batch
     lengths = pair_lengths(data.train)
-    batcher = BucketBatcher(lengths, B, A, seed=cfg.train.seed, rank=info.rank, world_size=W)
+    groups = [tuple(p.prompt) for p in data.train] if cfg.rm.group_by_prompt else None
+    batcher = BucketBatcher(lengths, B, A, seed=cfg.train.seed, rank=info.rank, world_size=W, groups=groups)
     if info.is_main:
         print(f"rm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data.train):,} train / {len(data.val):,} held-out pairs; "
@@ -127,7 +129,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         acc = torch.zeros(6, dtype=torch.float64)
         micro = batcher.next()
         for i, idx in enumerate(micro):
-            batch = collate_pairs([data.train[j] for j in idx], tok.pad_id).to(info.device)
+            batch = collate_unique([data.train[j] for j in idx], tok.pad_id).to(info.device)
             with trainer.micro(last=i == len(micro) - 1):
                 r_c, r_r = pair_rewards(net, batch)  # (B,), (B,)
                 loss = losses.bradley_terry(r_c, r_r, margin).sum()
@@ -148,7 +150,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         """(r_chosen, r_rejected) of every held-out pair (up to train.eval_batches), gathered from all ranks."""
         rc, rr = [], []
         for idx in eval_batches(pair_lengths(data.val), B, info.rank, W, cfg.train.eval_batches):
-            batch = collate_pairs([data.val[j] for j in idx], tok.pad_id).to(info.device)
+            batch = collate_unique([data.val[j] for j in idx], tok.pad_id).to(info.device)
             with trainer.autocast():
                 c, r = pair_rewards(net, batch)
             rc += c.float().cpu().tolist()
