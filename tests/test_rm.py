@@ -12,7 +12,7 @@ import torch
 
 from chatforge.config import ConfigError, load_config
 from chatforge.data.batching import BucketBatcher, pad
-from chatforge.data.pairs import collate_unique, load_pair_data
+from chatforge.data.pairs import collate_pairs, collate_unique, load_pair_data
 from chatforge.data.records import DataError
 from chatforge.model.heads import gather_last
 from chatforge.model.load import load_causal_lm, scalar_from_causal
@@ -91,6 +91,7 @@ def test_bradley_terry_and_accuracy_through_the_stage_on_hand_values(micro_base)
     pairs = [TokenPair([0, 3, 7, 4], [9, 5], [9, 9, 9, 5], "x:1"),  # lengths 6 vs 8
              TokenPair([0, 3, 4], [9, 9, 9, 5], [5], "x:2"),  # lengths 7 vs 4
              TokenPair([0, 3, 7, 4], [9, 9, 9, 5], [9, 5], "x:3")]  # x:1's answers, swapped: no new rows
+    assert collate_pairs(pairs, pad_id=1).response_mask[0].tolist() == [0, 0, 0, 0, 1, 1, 0, 0]  # DPO's batches
     batch = collate_unique(pairs, pad_id=1)
     assert batch.ids.shape == (4, 8) and batch.ids[0, 6:].tolist() == [1, 1]  # right-padded with <|pad|>
     assert batch.chosen.tolist() == [0, 1, 2] and batch.rejected.tolist() == [2, 3, 0]  # each sequence once

@@ -37,7 +37,8 @@ class BucketBatcher:
 
     ``groups`` (one key per example, e.g. the prompt of a preference pair) keeps the examples of a group
     adjacent: the epoch shuffles whole groups, and length sorting moves whole groups (by their longest
-    example), so a batch holds a few groups entire and a sequence shared within a group is computed once.
+    example), so a batch holds a few groups entire and its consumer can compute a sequence shared within a
+    group once.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int, *, seed: int = 0,

@@ -58,10 +58,6 @@ class PairBatch:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
 
-    @property
-    def num_pairs(self) -> int:
-        return self.ids.shape[0] // 2
-
     def to(self, device) -> "PairBatch":
         return PairBatch(*(t.to(device, non_blocking=True) for t in (self.ids, self.attention_mask, self.response_mask)))
 
@@ -168,10 +164,6 @@ class PairSequences:
     attention_mask: torch.Tensor
     chosen: torch.Tensor
     rejected: torch.Tensor
-
-    @property
-    def num_pairs(self) -> int:
-        return self.chosen.shape[0]
 
     def to(self, device) -> "PairSequences":
         return PairSequences(*(t.to(device, non_blocking=True) for t in (self.ids, self.attention_mask, self.chosen,
