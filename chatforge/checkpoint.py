@@ -18,12 +18,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from chatforge.files import set_umask_mode
+
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file under a temporary name in the same folder, then rename it into place."""
+    """Write a file under a temporary name in the same folder, then rename it into place.
+
+    The file gets the mode of a plain new file under the umask (not mkstemp's private 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,6 +36,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        set_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,6 +58,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        set_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -30,6 +30,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from chatforge.config import ModelConfig
+from chatforge.files import set_umask_mode
 from chatforge.model.gpt import GPT, kv_heads, mlp_hidden_size
 from chatforge.model.heads import ScalarModel
 
@@ -138,10 +139,12 @@ def model_config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` via a temporary sibling file and os.replace (atomic on POSIX)."""
+    """Write ``path`` via a temporary sibling file and os.replace (atomic on POSIX), with the umask's mode
+    (safetensors creates its files 0600)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        set_umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from chatforge.config import LoraConfig
+from chatforge.files import set_umask_mode
 
 HEAD_NAMES = ("lm_head", "score")  # never adapted by all-linear; 'score' stays fully trainable
 ADAPTER_DIR = "adapter"  # <model dir>/adapter/: the unmerged adapter (lora.merge=false)
@@ -232,6 +233,7 @@ def save_adapter(model: nn.Module, directory) -> None:
     state = {"base_model.model." + k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().contiguous()
              for k, v in state.items()}
     save_file(state, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    set_umask_mode(d / "adapter_model.safetensors")  # safetensors writes it 0600
     model.peft_config["default"].save_pretrained(str(d))
 
 
