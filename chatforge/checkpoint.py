@@ -18,10 +18,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from chatforge.errors import ChatforgeError
 from chatforge.files import set_umask_mode
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
+
+
+class CheckpointError(ChatforgeError, RuntimeError):
+    """A checkpoint that cannot be read (truncated, or not chatforge's)."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -98,4 +103,4 @@ def load_checkpoint(out: Path) -> Optional[dict[str, Any]]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
-        raise RuntimeError(f"{path}: cannot read the checkpoint ({e}); remove it to start over") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e}); remove it to start over") from None

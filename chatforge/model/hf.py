@@ -30,6 +30,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from chatforge.config import ModelConfig
+from chatforge.errors import ChatforgeError
 from chatforge.files import set_umask_mode
 from chatforge.model.gpt import GPT, kv_heads, mlp_hidden_size
 from chatforge.model.heads import ScalarModel
@@ -40,7 +41,7 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
-class ModelDirError(ValueError):
+class ModelDirError(ChatforgeError, ValueError):
     """The path is not a usable model directory (missing config.json or weights, bad JSON, bad shapes)."""
 
 

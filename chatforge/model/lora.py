@@ -31,7 +31,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from chatforge.config import LoraConfig
+from chatforge.config import ConfigError, LoraConfig
 from chatforge.files import set_umask_mode
 
 HEAD_NAMES = ("lm_head", "score")  # never adapted by all-linear; 'score' stays fully trainable
@@ -70,10 +70,10 @@ def resolve_targets(model: nn.Module, targets: list[str], source: str = "the mod
     if list(targets) == ["all-linear"]:
         return [n for n in names if n not in HEAD_NAMES]
     if not targets:
-        raise ValueError("lora.target_modules is empty; name the linear layers to adapt (or use all-linear)")
+        raise ConfigError("lora.target_modules is empty; name the linear layers to adapt (or use all-linear)")
     missing = [t for t in targets if t not in names]
     if missing:
-        raise ValueError(f"{source}: LoRA target modules {', '.join(missing)} do not exist in this model; its linear "
+        raise ConfigError(f"{source}: LoRA target modules {', '.join(missing)} do not exist in this model; its linear "
                          f"layers are: {', '.join(names)} (set --lora.target_modules=... or all-linear)")
     return list(targets)
 

@@ -26,13 +26,14 @@ import torch
 
 from chatforge.config import ConfigError
 from chatforge.data.batching import pad
+from chatforge.errors import ChatforgeError
 from chatforge.model.heads import gather_last
 from chatforge.tokenizer import ChatTokenizer, render_prompt, render_response
 
 RUN_INFO = "chatforge.json"
 
 
-class RewardError(ValueError):
+class RewardError(ChatforgeError, ValueError):
     """A reward source cannot be built or returned an unusable value."""
 
 
