@@ -18,6 +18,14 @@ import sys
 import traceback
 
 STAGE_COMMANDS = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
+STAGE_HELP = {
+    "pretrain": "pretrain a base language model on raw text",
+    "sft": "supervised fine-tuning of a language model on conversations",
+    "rm": "train a reward model on preference pairs",
+    "ppo": "RLHF: PPO of a language model against a reward model",
+    "dpo": "direct preference optimisation on preference pairs (no reward model)",
+    "grpo": "critic-free RL: GRPO, or RLOO with --rl.algo=rloo",
+}
 TOOL_COMMANDS = (  # (name, one-line help): chatforge/commands/<name>.py with add_arguments(p) and main(args, rest)
     ("pipeline", "run every stage into a run directory"),
     ("chat", "chat in the terminal"),
@@ -84,15 +92,17 @@ def _add_debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from chatforge.commands import stage, stage_help
 
-    p = argparse.ArgumentParser(prog="chatforge", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="chatforge", description="Train a chat model the way ChatGPT was trained: "
+                                "pretrain, sft, rm, ppo (also dpo, grpo), and the tools around them.",
                                 epilog="Run `chatforge COMMAND --help` for a command's options; a stage's help lists "
                                        "its config sections and main fields.")
     _add_debug(p, default=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     p.subparsers = {}  # name -> its parser, for errors found after parsing
     for name in STAGE_COMMANDS:
-        s = sub.add_parser(name, help=f"run the {name} stage", formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description=f"Run the {name} stage; extra --section.key=value words override the config.",
+        s = sub.add_parser(name, help=STAGE_HELP[name], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description=f"{STAGE_HELP[name][0].upper()}{STAGE_HELP[name][1:]}; extra --section.key=value "
+                                       "words override the config.",
                            epilog=stage_help.epilog(name))
         stage.add_arguments(s)
         s.set_defaults(fn=stage.main)
