@@ -333,7 +333,7 @@ class Pipeline:
         stats["heldout_pairs"] = len(heldout)
         if not train or not heldout:
             raise ChatforgeError(f"{d}: the SFT model produced no usable preference pairs ({stats}); "
-                             "train SFT longer or raise demo.n_sampled_pair_prompts")
+                                 "train SFT longer or raise demo.n_sampled_pair_prompts")
         for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
             atomic_write_text(d / name, "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_json(rec, {"fingerprint": fp, "spec": spec, "stats": stats})

@@ -74,7 +74,7 @@ def resolve_targets(model: nn.Module, targets: list[str], source: str = "the mod
     missing = [t for t in targets if t not in names]
     if missing:
         raise ConfigError(f"{source}: LoRA target modules {', '.join(missing)} do not exist in this model; its linear "
-                         f"layers are: {', '.join(names)} (set --lora.target_modules=... or all-linear)")
+                          f"layers are: {', '.join(names)} (set --lora.target_modules=... or all-linear)")
     return list(targets)
 
 
