@@ -74,7 +74,7 @@ class RewardModelScorer:
             self.mean, self.std = float(norm["mean"]), float(norm["std"])
         elif normalize:
             raise RewardError(f"{self.path / RUN_INFO}: no 'reward_norm' statistics; not a chatforge rm/ output "
-                              f"(train one with `chatforge rm`, or use raw scores with normalize=False)")
+                              f"(train one with `chatforge rm`, or use raw scores: `chatforge score --raw`, normalize=False)")
         if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
             raise RewardError(f"{self.path / RUN_INFO}: bad reward_norm mean={self.mean} std={self.std}")
 
