@@ -18,12 +18,21 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from chatforge.errors import ChatforgeError
+from chatforge.files import set_umask_mode
+
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 
 
+class CheckpointError(ChatforgeError, RuntimeError):
+    """A checkpoint that cannot be read (truncated, or not chatforge's)."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file under a temporary name in the same folder, then rename it into place."""
+    """Write a file under a temporary name in the same folder, then rename it into place.
+
+    The file gets the mode of a plain new file under the umask (not mkstemp's private 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,6 +41,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        set_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,6 +63,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        set_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -92,4 +103,4 @@ def load_checkpoint(out: Path) -> Optional[dict[str, Any]]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
-        raise RuntimeError(f"{path}: cannot read the checkpoint ({e}); remove it to start over") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e}); remove it to start over") from None

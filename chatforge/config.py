@@ -17,10 +17,12 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from chatforge.errors import ChatforgeError
+
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
 
 
-class ConfigError(ValueError):
+class ConfigError(ChatforgeError, ValueError):
     """A config problem the user can fix; the message names the key and the fix."""
 
 
@@ -329,14 +331,28 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def nearest_keys(key: str, schema: DictConfig) -> list[str]:
+    """The valid dotted keys closest to a mistyped one (difflib), best first: by the whole key, else by its
+    last part (``--max_steps`` -> ``train.max_steps``)."""
+    import difflib
+
+    keys = _valid_keys(schema) + [k for k, v in schema.items() if isinstance(v, DictConfig)]
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)]
+    return close
+
+
 def _explain(e: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
     full_key = getattr(e, "full_key", None) or "?"
     msg = str(e).splitlines()[0]
     if isinstance(e, ConfigKeyError):
-        parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
-        node = OmegaConf.select(schema, parent) if parent else schema
-        valid = sorted(_valid_keys(node, f"{parent}." if parent else "")) if isinstance(node, DictConfig) else []
-        return ConfigError(f"{source}: unknown config key '{full_key}'. {msg} Valid keys here: {', '.join(valid)}")
+        close = nearest_keys(full_key, schema)
+        hint = (f"did you mean {' or '.join(repr(k) for k in close)}?" if close else
+                "the command's --help lists the main keys, --print-config every key.")
+        return ConfigError(f"{source}: unknown config key '{full_key}'; {hint}")
     return ConfigError(f"{source}: bad value for '{full_key}': {msg}")
 
 

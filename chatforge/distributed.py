@@ -7,7 +7,9 @@ to finish some I/O (training the tokenizer, tokenizing the corpus, writing a che
 runs on a second, CPU (gloo) group with a longer timeout (``dist.wait_timeout_s``, at least
 one hour), so that slow rank-0 work does not trip the training timeout.
 
-Every helper here is a no-op (or the identity) in a single process.
+Every helper here is a no-op (or the identity) in a single process. Every tensor collective of chatforge
+goes through the helpers here, which run it on the process group's device (CUDA under NCCL, the CPU under
+gloo) whatever device the caller's tensor is on (tests/test_collective_devices.py checks both).
 """
 
 from __future__ import annotations
@@ -93,19 +95,42 @@ def barrier() -> None:
         dist.barrier(group=_wait_group)
 
 
+def group_device(group=None) -> Optional[torch.device]:
+    """The device a tensor collective of ``group`` (default: the default group) needs its tensors on.
+
+    NCCL: the current CUDA device (NCCL has no CPU tensors); gloo: the CPU; None for a group that
+    takes both (``cpu:gloo,cuda:nccl``).
+    """
+    backend = str(dist.get_backend(group))
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":
+        return torch.device("cpu")
+    return None
+
+
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    """``op`` over ranks on a copy of ``x`` moved to the group's device; the result on ``x``'s device."""
+    if not dist.is_initialized():
+        return x
+    dev = group_device()
+    y = x.to(dev if dev is not None else x.device, copy=True)
+    dist.all_reduce(y, op=op)
+    return y.to(x.device)
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (returns the input unchanged in a single process)."""
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+    """Sum a tensor over ranks (returns the input unchanged in a single process).
+
+    Safe on any device: the collective runs on the process group's device (e.g. a CPU counter is
+    moved to the GPU under NCCL) and the sum comes back on ``x``'s device.
+    """
+    return _all_reduce(x, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    """Element-wise maximum over ranks, on any device (as :func:`all_reduce_sum`)."""
+    return _all_reduce(x, dist.ReduceOp.MAX)
 
 
 def all_gather_objects(obj):

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 from chatforge.checkpoint import atomic_write_json, atomic_write_text
 from chatforge.config import STAGES as CONFIG_STAGES
 from chatforge.config import Config, ConfigError, DemoConfig, load_config, to_dict
+from chatforge.errors import ChatforgeError
 from chatforge.evaluate import file_digest, model_digest, read_run_info, update_run_info
 
 TRAIN_STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
@@ -331,8 +332,8 @@ class Pipeline:
         heldout = heldout[:dm.n_heldout_pairs]  # a random subset when capped
         stats["heldout_pairs"] = len(heldout)
         if not train or not heldout:
-            raise ValueError(f"{d}: the SFT model produced no usable preference pairs ({stats}); "
-                             "train SFT longer or raise demo.n_sampled_pair_prompts")
+            raise ChatforgeError(f"{d}: the SFT model produced no usable preference pairs ({stats}); "
+                                 "train SFT longer or raise demo.n_sampled_pair_prompts")
         for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
             atomic_write_text(d / name, "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_json(rec, {"fingerprint": fp, "spec": spec, "stats": stats})

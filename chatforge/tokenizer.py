@@ -35,6 +35,8 @@ from typing import Iterable, Iterator, Optional, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from chatforge.errors import ChatforgeError, UserInputError
+
 # ----------------------------------------------------------------------------------------------------
 # special tokens
 
@@ -91,7 +93,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ConversationError(ValueError):
+class ConversationError(ChatforgeError, ValueError):
     """A malformed conversation; the message names the message index and the problem (the data layer
     prefixes file and line)."""
 
@@ -110,7 +112,7 @@ class ChatTokenizer:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
         if missing:
-            raise ValueError(
+            raise UserInputError(
                 f"{source}: not a chatforge tokenizer: missing special tokens {', '.join(missing)} "
                 f"(train one with `chatforge tokenizer` or train_tokenizer())"
             )
@@ -221,7 +223,7 @@ class ChatTokenizer:
         try:
             tok = Tokenizer.from_file(str(f))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"{f}: cannot read tokenizer: {e}") from None
+            raise UserInputError(f"{f}: cannot read tokenizer: {e}") from None
         return cls(tok, source=str(f))
 
     def __repr__(self) -> str:
@@ -251,7 +253,7 @@ def train_tokenizer(
     corpus. ``show_progress=None`` shows the `tokenizers` progress bar when stderr is a terminal.
     """
     if vocab_size != 0 and vocab_size < MIN_VOCAB:
-        raise ValueError(
+        raise UserInputError(
             f"tokenizer vocab_size={vocab_size} is too small: use 0 (bytes only, {MIN_VOCAB} ids) "
             f"or at least {MIN_VOCAB} (6 special tokens + 256 bytes)"
         )

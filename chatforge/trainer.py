@@ -32,6 +32,7 @@ from torch import nn
 from chatforge import distributed as D
 from chatforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from chatforge.config import Config, OptimConfig, to_dict
+from chatforge.errors import ChatforgeError
 from chatforge.metrics import MetricsLog
 
 StepFn = Callable[[int], dict]
@@ -41,12 +42,14 @@ EvalFn = Callable[[int], dict]
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ChatforgeError, RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the last checkpoint is kept."""
 
 
-class Interrupted(RuntimeError):
+class Interrupted(ChatforgeError, RuntimeError):
     """SIGINT/SIGTERM: a checkpoint was saved; the same command resumes."""
+
+    exit_code = 130  # as a shell reports a process ended by SIGINT
 
 
 def seed_all(seed: int) -> None:

@@ -7,8 +7,11 @@ because each torchrun start costs seconds of imports per process. Usage::
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_worker.py mismatch TIMEOUT_S
 
 PLAN.json: {"timeout_s": float, "report": path, "jobs": [{"stage", "config", "out", "overrides": [...],
-"copy_from": dir or null, "spy": bool}]}. ``copy_from`` copies a finished run folder (its checkpoint
-included) to ``out`` first, so the job resumes it. ``spy`` records, on every rank, each call of
+"copy_from": dir or null, "spy": bool, "crash": {"rank", "step", "marker"} or null}]}. ``copy_from`` copies a
+finished run folder (its checkpoint included) to ``out`` first, so the job resumes it. ``crash``: the process
+of that global rank dies (``os._exit``) as it starts the given step (1-based), once: only while the marker file
+does not exist, which it then writes, so the process torchrun restarts (``--max-restarts``) runs on. Each job
+prints the checkpoint step it starts from and torchrun's restart count. ``spy`` records, on every rank, each call of
 ``losses.whiten`` and of ``RLRun.rollout_metrics``; after the job the ranks gather what they saw and
 rank 0 writes to the report the statistics each rank used next to the true global ones.
 
@@ -103,6 +106,31 @@ class Spy:
         return {"whiten_calls_per_rank": counts, "whiten": whiten, "metrics": metrics}
 
 
+def crash_at(crash: dict, rank: int):
+    """Make this process die as it starts step ``crash["step"]`` if it is rank ``crash["rank"]`` and the marker
+    file does not exist yet (it is written first). Returns a function that undoes the patch."""
+    from chatforge.trainer import Trainer
+
+    marker = Path(crash["marker"])
+    if rank != crash["rank"] or marker.exists():
+        return lambda: None
+    real = Trainer.set_lr  # called once at the start of every step with the 0-based step index
+
+    def set_lr(self, step):
+        if step + 1 == crash["step"]:
+            marker.write_text(f"rank {rank} died at step {step + 1}\n")
+            print(f"dist_worker: rank {rank} dies at step {step + 1}", flush=True)
+            os._exit(17)
+        return real(self, step)
+
+    Trainer.set_lr = set_lr
+
+    def undo() -> None:
+        Trainer.set_lr = real
+
+    return undo
+
+
 def run_plan(plan: dict) -> None:
     info = D.init(DistConfig(backend="gloo", timeout_s=plan.get("timeout_s", 60.0)), "cpu")
     report: dict = {"world_size": info.world_size, "jobs": {}}
@@ -114,12 +142,20 @@ def run_plan(plan: dict) -> None:
             shutil.copytree(job["copy_from"], out)
         D.barrier()
         cfg = load_config(job["stage"], job.get("config"), job.get("overrides", []))
+        if info.is_main:
+            ckpt = out / "checkpoint" / "state.pt"
+            start = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] if ckpt.is_file() else 0
+            print(f"dist_worker: {job.get('name', out)} starts at checkpoint step {start} "
+                  f"(restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})", flush=True)
         spy = Spy() if job.get("spy") else None
+        undo = crash_at(job["crash"], info.rank) if job.get("crash") else None
         try:
             importlib.import_module(f"chatforge.stages.{job['stage']}").run(cfg, out)
         finally:
             if spy is not None:
                 spy.restore()
+            if undo is not None:
+                undo()
         entry = {"seconds": round(time.time() - t0, 2)}
         if spy is not None:
             entry.update(spy.report())

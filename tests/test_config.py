@@ -24,11 +24,24 @@ def test_list_and_optional_overrides():
     assert cfg.model.init == "some/dir" and cfg.rl.kl_target is None and cfg.train.compile is True
 
 
-def test_unknown_key_names_it_and_lists_valid_keys():
-    with pytest.raises(ConfigError) as e:
-        load_config("pretrain", None, ["optim.lrr=3"])
-    msg = str(e.value)
-    assert "optim.lrr" in msg and "optim.lr" in msg and "optim.weight_decay" in msg and "command line" in msg
+def test_unknown_key_names_it_and_suggests_the_nearest():
+    def error(key: str) -> str:
+        with pytest.raises(ConfigError) as e:
+            load_config("pretrain", None, [f"{key}=3"])
+        msg = str(e.value)
+        shown = key.split(".")[0] if key.startswith(("trian.", "zzz.")) else key  # an unknown section is named alone
+        assert "\n" not in msg and f"unknown config key '{shown}'" in msg
+        assert msg.startswith("command line: ")
+        return msg
+
+    msg = error("optim.lrr")
+    assert msg.endswith("did you mean 'optim.lr'?") and "optim.weight_decay" not in msg  # no list of every key
+    assert error("train.max_step").endswith("did you mean 'train.max_steps'?")
+    assert error("max_steps").endswith("did you mean 'train.max_steps'?")  # the section left out
+    assert error("trian.max_steps").endswith("did you mean 'train'?")  # a mistyped section
+    assert "'data.path'" in error("data.pth")
+    msg = error("zzz.qqq")
+    assert "did you mean" not in msg and "--print-config" in msg and "--help" in msg
 
 
 def test_unknown_section_in_file(tmp_path):

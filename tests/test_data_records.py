@@ -354,10 +354,56 @@ def test_preference_errors(tmp_path, bad):
 def test_preference_invalid_json(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": \n')
-    for strict in (True, False):  # invalid JSON fails under every policy
-        with pytest.raises(DataError) as ei:
-            read_preferences(path, strict=strict)
-        assert_error(ei, path, 2, "invalid JSON")
+    with pytest.raises(DataError) as ei:
+        read_preferences(path)
+    assert_error(ei, path, 2, "invalid JSON")
+    pairs = read_preferences(path, strict=False)  # a .jsonl line that is not JSON: a counted skip
+    assert len(pairs) == 1 and pairs.skips.as_dict() == {"invalid JSON": 1}
+    assert pairs.skips.seen == 2 and pairs.skips.examples["invalid JSON"] == [f"{path}:2"]
+
+
+def test_strict_false_skips_and_counts_lines_that_are_not_json(tmp_path, caplog):
+    conv = {"messages": [U("q"), A("a")]}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(conv) + "\nnot json at all\n\n" + json.dumps(conv) + '\n{"messages": [\n'
+                    + json.dumps({"messages": [A("starts with the assistant")]}) + "\n")
+    with pytest.raises(DataError) as ei:
+        read_conversations(path)
+    assert_error(ei, path, 2, "invalid JSON")
+    with caplog.at_level("WARNING", logger="chatforge.data"):
+        convs = read_conversations(path, strict=False)
+    assert len(convs) == 2 and [c.source for c in convs] == [f"{path}:1", f"{path}:4"]
+    assert convs.skips.seen == 5  # every non-blank line is counted, usable or not
+    assert convs.skips.counts["invalid JSON"] == 2 and convs.skips.examples["invalid JSON"] == [f"{path}:2", f"{path}:5"]
+    assert convs.skips.total == 3  # + the conversation that starts with the assistant
+    assert "invalid JSON: 2" in caplog.text  # reported, not silent
+    prompts = read_prompts(path, strict=False)
+    assert len(prompts) == 2 and prompts.skips.counts["invalid JSON"] == 2
+    js = tmp_path / "broken.json"  # inside a JSON array the reader cannot resynchronise: always an error
+    js.write_text('[\n  {"prompt": "p"},\n  {"prompt": \n]\n')
+    with pytest.raises(DataError) as ei:
+        read_prompts(js, strict=False)
+    assert_error(ei, js, 4, "invalid JSON")  # where the decoder met "]" instead of a value
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json"])
+def test_non_utf8_file_names_the_line(tmp_path, suffix):
+    body = ('[\n"a"\n,"b"\n,"\xff"\n]\n' if suffix == ".json" else '"a"\n"b"\n\n"x\xff"\n').encode("latin-1")
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(gzip.compress(body) if suffix.endswith(".gz") else body)
+    with pytest.raises(DataError) as ei:
+        read_prompts(path, strict=False)  # not a record problem: an error under every policy
+    assert_error(ei, path, 4, "not UTF-8", "column")
+
+
+def test_whole_file_errors_print_no_line_zero(tmp_path):
+    e = DataError(tmp_path / "corpus.txt", 0, "no such file or folder")
+    assert str(e) == f"{tmp_path / 'corpus.txt'}: no such file or folder" and e.line is None
+    from chatforge.data.pretrain import corpus_files
+
+    with pytest.raises(DataError) as ei:
+        corpus_files([str(tmp_path / "missing.txt")])
+    assert ":0:" not in str(ei.value) and str(ei.value).startswith(f"{tmp_path / 'missing.txt'}: ")
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -344,7 +344,7 @@ def test_bad_directories_give_clear_errors(tmp_path, chat_tok):
         load_scalar_model(d)
     m, _, _ = load_causal_lm(d)
     save_model_dir(scalar_from_causal(m), tmp_path / "rm", m.cfg, chat_tok)
-    with pytest.raises(ModelDirError, match="not a causal language model"):
+    with pytest.raises(ModelDirError, match="reward model.*not a language model"):
         load_causal_lm(tmp_path / "rm")
 
 

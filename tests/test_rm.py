@@ -260,7 +260,8 @@ def test_chatforge_score_ranks_chosen_above_rejected(trained_rm, capsys):
         main(["score", "--model", str(trained_rm), "--prompt", prompt,
               "--response", "Certainly! 2 plus 9 is 11.", "--response", "2 plus 9 is 11, obviously. Whatever."])
     assert e.value.code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header == "score\traw\tresponse"
     good, bad = (float(line.split("\t")[0]) for line in lines)
     assert good > bad, lines
 

@@ -1,19 +1,33 @@
 """``chatforge chat --model DIR``: a terminal chat with streamed tokens.
 
 The conversation so far is rendered in the chat format each turn (tokenizer.render_prompt), so the model sees
-the whole history (the oldest turns are dropped when it outgrows the context). ``/reset`` starts over,
-``/quit`` (or end of input) leaves. With piped input (not a terminal) each line is one user turn and only the
-answers are printed, one per line.
+the whole history (the oldest turns are dropped when it outgrows the context, and a note says so). Slash
+commands: ``/help`` lists them, ``/reset`` starts over, ``/quit`` (or end of input, Ctrl-D) leaves; an unknown
+``/word`` is not sent to the model; ``//text`` sends ``/text``. Ctrl-C stops the answer being written (the
+part shown stays in the history); Ctrl-C at the prompt leaves. A note says when an answer stopped at the
+context length or at ``--max-new-tokens``, or when a message was cut to fit the context.
+
+With piped input (not a terminal) each line is one user turn and only the answers are printed on stdout, one
+per line; notes and command replies go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from typing import Optional, Sequence
+
+COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "forget the conversation and start over",
+    "/quit": "leave (also Ctrl-D, or Ctrl-C at the prompt)",
+}
+_COMMAND = re.compile(r"/[A-Za-z]")  # a line starting with /word is a command (never sent to the model)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a causal LM model directory (base/, sft/, ppo/, ...)")
+    p.add_argument("--model", required=True, help="a language model directory (base/, sft/, ppo/, ...)")
     p.add_argument("--system", default=None, help="an optional system message")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -35,11 +49,25 @@ def fit_history(tok, system: list[dict], history: list[dict], block_size: int, r
         h = h[2:] if len(h) > 2 else h[-1:]
 
 
+def stop_note(prompt_len: int, new_ids: Sequence[int], stop_ids: Sequence[int], max_new_tokens: int,
+              block_size: int) -> Optional[str]:
+    """Why an answer ended without a stop token, in words (None when it ended with one)."""
+    if new_ids and new_ids[-1] in stop_ids:
+        return None
+    if prompt_len + len(new_ids) >= block_size:
+        return (f"the answer stopped at the model's context length ({block_size} tokens, "
+                f"{prompt_len} of them the input)")
+    if len(new_ids) >= max_new_tokens:
+        return f"the answer stopped at --max-new-tokens ({max_new_tokens})"
+    return None
+
+
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
 
     from chatforge.engine import Engine
     from chatforge.model.load import load_causal_lm
+    from chatforge.tokenizer import render_prompt
 
     model, mcfg, tok = load_causal_lm(args.model, args.device)
     model.eval()
@@ -49,31 +77,55 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     stop = [tok.end_id, tok.eot_id]
+
+    def say(text: str) -> None:  # replies and notes: on the terminal, or stderr when piped
+        print(text, file=sys.stdout if interactive else sys.stderr, flush=True)
+
     if interactive:
-        print(f"chatforge chat with {args.model} — /reset to start over, /quit to leave")
+        print(f"chatforge chat with {args.model} — /help lists the commands, Ctrl-C stops an answer")
     while True:
-        if interactive:
-            try:
-                line = input("you> ")
-            except EOFError:
+        try:
+            if interactive:
+                try:
+                    line = input("you> ")
+                except EOFError:
+                    print()
+                    break
+            else:
+                line = sys.stdin.readline()
+                if not line:
+                    break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave
+            if interactive:
                 print()
-                break
-        else:
-            line = sys.stdin.readline()
-            if not line:
-                break
+            break
         line = line.strip()
         if not line:
             continue
-        if line == "/quit":
-            break
-        if line == "/reset":
-            history = []
-            if interactive:
-                print("(history cleared)")
+        if _COMMAND.match(line):
+            command = line.split()[0]
+            if command == "/quit":
+                break
+            if command == "/reset":
+                history = []
+                say("(history cleared)")
+            elif command == "/help":
+                say("\n".join(f"  {c:<8} {h}" for c, h in COMMANDS.items()) +
+                    "\n  //text   send a message that starts with a slash ('/text')")
+            else:
+                say(f"(unknown command {command}; /help lists the commands; nothing was sent to the model)")
             continue
+        if line.startswith("//"):
+            line = line[1:]
         history.append({"role": "user", "content": line})
-        ids = fit_history(tok, system, history, mcfg.block_size, min(args.max_new_tokens, mcfg.block_size // 2))
+        reserve = min(args.max_new_tokens, mcfg.block_size // 2)
+        ids = fit_history(tok, system, history, mcfg.block_size, reserve)
+        alone = render_prompt(tok, system + history[-1:])
+        if len(alone) > len(ids):
+            say(f"(note: your message is {len(alone)} tokens with the chat format, more than the model's context "
+                f"of {mcfg.block_size}; only its last {len(ids)} tokens are read)")
+        elif len(ids) < len(render_prompt(tok, system + history)):
+            say("(note: the oldest turns were dropped to fit the model's context)")
         if interactive:
             print("bot> ", end="", flush=True)
         out: list[int] = []
@@ -82,16 +134,29 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
         def visible(text: str) -> str:  # piped: one answer per output line
             return text if interactive else text.replace("\r", " ").replace("\n", " ")
 
-        for t in engine.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, stop_ids=stop, generator=gen):
-            if t in stop:
-                break
-            out.append(t)
-            text = tok.decode(out, skip_special=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                print(visible(text[len(shown):]), end="", flush=True)
-                shown = text
+        ended, stopped = False, False
+        try:
+            for t in engine.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, stop_ids=stop, generator=gen):
+                if t in stop:
+                    ended = True
+                    break
+                out.append(t)
+                text = tok.decode(out, skip_special=True)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    print(visible(text[len(shown):]), end="", flush=True)
+                    shown = text
+        except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, keep the chat
+            if not interactive:
+                raise
+            stopped = True
         answer = tok.decode(out, skip_special=True).strip()
         print(visible(tok.decode(out, skip_special=True)[len(shown):]), flush=True)
         history.append({"role": "assistant", "content": answer or "..."})
+        if stopped:
+            say("(answer stopped; Ctrl-C again or Ctrl-D to quit)")
+        elif not ended:
+            note = stop_note(len(ids), out, stop, args.max_new_tokens, mcfg.block_size)
+            if note:
+                say(f"(note: {note})")
     return 0

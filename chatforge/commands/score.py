@@ -2,8 +2,14 @@
 
     chatforge score --model runs/tiny/rm --prompt "What is 2 plus 9?" --response "11." --response "Dunno."
 
-prints, per response, the normalised score (``(raw - mean) / std`` with the statistics stored by
-the rm stage) and the raw score, tab-separated.
+prints a header line and, per response, the normalised score (``(raw - mean) / std`` with the
+statistics stored by the rm stage), the raw score and the response, tab-separated::
+
+    score    raw      response
+    1.2034   3.1170   11.
+    -0.8710  -0.4051  Dunno.
+
+With ``--raw`` (a reward model without normalisation statistics) the score column is the raw score.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     raw, norm = scorer.score_text([messages] * len(args.response), args.response)
-    many = len(args.response) > 1
-    for i, (r, n) in enumerate(zip(raw.tolist(), norm.tolist())):
-        print(f"{n:.4f}\traw {r:.4f}" + (f"\t{args.response[i]}" if many else ""))
+    print("score\traw\tresponse")
+    for response, r, n in zip(args.response, raw.tolist(), norm.tolist()):
+        shown = response.replace("\t", " ").replace("\r", " ").replace("\n", " ")  # one row per response
+        print(f"{n:.4f}\t{r:.4f}\t{shown}")
     return 0

@@ -18,7 +18,8 @@ Policy: a bad record is an error by default (``DataError`` naming file, line and
 unknown format, unknown role, non-string content, a system message after the first turn, a
 conversation that starts with the assistant or ends with a user turn, no assistant turn, an empty
 assistant response. With ``strict=False`` such records are skipped and counted by reason
-(``result.skips``, also logged). Invalid JSON always fails. Content is kept exactly as written.
+(``result.skips``, also logged), as is a ``.jsonl`` line that is not valid JSON (invalid JSON in a ``.json``
+array always fails). Content is kept exactly as written.
 
 Consecutive turns of the same role are allowed (they are rendered one after another).
 The message helpers and the HH-RLHF transcript parser here are shared with the preference and

@@ -21,7 +21,8 @@ Policy:
 - Errors by default (``DataError`` naming file, line, problem), counted skips with
   ``strict=False``: missing chosen/rejected, unknown format, a transcript with no assistant turn,
   chosen and rejected prompts that differ, an empty answer, a prompt that does not end with a
-  user turn, unknown roles, non-string content. Invalid JSON always fails.
+  user turn, unknown roles, non-string content, a ``.jsonl`` line that is not valid JSON (invalid JSON in a
+  ``.json`` array always fails).
 - The official HH-RLHF harmless-base test file holds 4 pairs with an empty chosen answer and 5
   whose chosen and rejected transcripts do not share their prompt; read it with ``strict=False``
   (2,303 of 2,312 pairs are kept, the 9 others are counted in ``.skips``).

@@ -14,7 +14,8 @@ the user and ending with a user turn (the model answers next). Accepted formats:
 
 Policy: a bad record (an empty prompt, unknown format or role, non-string content, a context
 that starts with the assistant) is a ``DataError`` naming file, line and problem by default, a
-counted skip with ``strict=False`` (``result.skips``, also logged). Invalid JSON always fails.
+counted skip with ``strict=False`` (``result.skips``, also logged), and so is a ``.jsonl`` line that is not
+valid JSON; invalid JSON in a ``.json`` array always fails (the reader cannot resynchronise after it).
 """
 
 from __future__ import annotations

@@ -6,12 +6,13 @@ Every reader in ``chatforge.data`` goes through this module, so they share one p
   element of the top-level array of a ``.json`` / ``.json.gz`` file. Its location is
   ``file:line``, where for a JSON array ``line`` is the line on which the element starts.
 - File-level problems always raise :class:`DataError`: a missing path, a folder without data
-  files, an unsupported suffix, a file that is not UTF-8, invalid JSON (we cannot resynchronise
-  after it, and a broken file is not something to skip quietly).
-- Record-level problems (a missing field, an unknown role, an empty response, ...) raise
-  :class:`DataError` naming file, line and problem when ``strict=True`` (the default). With
-  ``strict=False`` they are skipped and counted by reason in a :class:`SkipCounter`, which is
-  attached to the returned list (``.skips``) and logged as a warning: never a silent drop.
+  files, an unsupported suffix, a file that is not UTF-8 (naming the line of the first bad byte),
+  invalid JSON in a ``.json`` array (we cannot resynchronise after it).
+- Record-level problems (a missing field, an unknown role, an empty response, a ``.jsonl`` line
+  that is not valid JSON, ...) raise :class:`DataError` naming file, line and problem when
+  ``strict=True`` (the default). With ``strict=False`` they are skipped and counted by reason in a
+  :class:`SkipCounter`, which is attached to the returned list (``.skips``) and logged as a
+  warning: never a silent drop.
 - A few things are always a counted skip, never an error; each reader documents its own
   (e.g. a preference pair whose chosen and rejected answers are identical).
 - A read that ends with no usable record at all raises :class:`DataError`.
@@ -29,6 +30,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
+from chatforge.errors import ChatforgeError
+
 log = logging.getLogger("chatforge.data")
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
@@ -38,19 +41,20 @@ PathLike = Union[str, Path]
 T = TypeVar("T")
 
 
-class DataError(ValueError):
+class DataError(ChatforgeError, ValueError):
     """A problem with the input data the user can fix, located as ``file:line: problem``.
 
-    Attributes: ``file`` (str), ``line`` (int, 1-based; None for whole-file problems),
-    ``problem`` (what is wrong, in words) and ``reason`` (a short category used to count skips).
+    Attributes: ``file`` (str), ``line`` (int, 1-based; None -- or 0 -- for whole-file problems,
+    which print as ``file: problem``), ``problem`` (what is wrong, in words) and ``reason`` (a short
+    category used to count skips).
     """
 
     def __init__(self, file: PathLike, line: Optional[int], problem: str, reason: Optional[str] = None):
         self.file = str(file)
-        self.line = line
+        self.line = line or None
         self.problem = problem
         self.reason = reason or problem
-        where = self.file if line is None else f"{self.file}:{line}"
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
         super().__init__(f"{where}: {problem}")
 
 
@@ -188,13 +192,19 @@ def fingerprint(paths: Union[PathLike, Iterable[PathLike]], suffixes: Optional[S
 def _read_text(path: Path) -> str:
     try:
         if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8-sig") as f:
-                return f.read()
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
     except (gzip.BadGzipFile, EOFError, OSError) as e:
         raise DataError(path, None, f"cannot read file: {e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(path, line, f"not UTF-8 text ({e.reason} at byte {e.start}, column {column}); "
+                        f"convert the file to UTF-8", "not UTF-8") from None
 
 
 def _invalid_json(path: Path, e: json.JSONDecodeError, line: Optional[int] = None) -> DataError:
@@ -245,13 +255,15 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         raise DataError(path, line_at(i), "invalid JSON: extra data after the array", "invalid JSON")
 
 
-def iter_records(path: PathLike) -> Iterator[tuple[int, Any]]:
+def iter_records(path: PathLike, on_invalid_line: Optional[Callable[[DataError], None]] = None
+                 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_no, record)`` for every record of one data file.
 
     ``record`` is whatever the JSON holds: usually a dict, or a str for plain-string lines.
     ``.jsonl``/``.jsonl.gz``: one record per non-blank line, ``line_no`` is that line.
     ``.json``/``.json.gz``: a JSON array; ``line_no`` is the line where the element starts.
-    Invalid JSON raises DataError with its line.
+    Invalid JSON raises DataError with its line; in a ``.jsonl`` file, a line that is not valid
+    JSON is instead passed to ``on_invalid_line`` (if given) and skipped.
     """
     path = Path(path)
     text = _read_text(path)
@@ -262,9 +274,14 @@ def iter_records(path: PathLike) -> Iterator[tuple[int, Any]]:
         if not raw.strip():
             continue
         try:
-            yield n, json.loads(raw)
+            rec = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise _invalid_json(path, e, n) from None
+            err = _invalid_json(path, e, n)
+            if on_invalid_line is None:
+                raise err from None
+            on_invalid_line(err)
+            continue
+        yield n, rec
 
 
 def read_records(
@@ -277,14 +294,20 @@ def read_records(
     """Parse every record of ``paths`` with ``parse(record, "file:line") -> list of items``.
 
     ``parse`` raises RecordProblem for a bad record (an error if ``strict``, else a counted skip)
-    and Skip for a record skipped under every policy. Returns a DataList with ``.skips`` and
+    and Skip for a record skipped under every policy. A ``.jsonl`` line that is not valid JSON is
+    an error if ``strict``, else a counted skip too. Returns a DataList with ``.skips`` and
     ``.files``; skips are logged as one warning. No usable item at all raises DataError.
     """
     files = expand_paths(paths, DATA_SUFFIXES)
     out = DataList()
     skips = SkipCounter()
+
+    def skip_invalid(e: DataError) -> None:  # a .jsonl line that is not JSON, with strict=False
+        skips.seen += 1
+        skips.add(e.reason, f"{e.file}:{e.line}")
+
     for f in files:
-        for line, rec in iter_records(f):
+        for line, rec in iter_records(f, None if strict else skip_invalid):
             skips.seen += 1
             where = f"{f}:{line}"
             try:

@@ -30,6 +30,7 @@ import torch
 from chatforge.data.batching import BucketBatcher, eval_batches, pad, padding_fraction
 from chatforge.data.conversations import Conversation, read_conversations
 from chatforge.data.records import DataError, fingerprint, split_train_val
+from chatforge.errors import UserInputError
 from chatforge.tokenizer import ChatTokenizer, ConversationError, render_conversation, render_prompt
 
 log = logging.getLogger("chatforge.data")
@@ -221,4 +222,4 @@ def prompt_ids(tok: ChatTokenizer, messages: list[dict], source: str = "eval pro
     try:
         return render_prompt(tok, messages)
     except ConversationError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise UserInputError(f"{source}: {e}") from None

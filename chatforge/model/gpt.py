@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chatforge.config import ModelConfig
+from chatforge.config import ConfigError, ModelConfig
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -53,11 +53,11 @@ def kv_heads(cfg: ModelConfig) -> int:
 def check_config(cfg: ModelConfig) -> None:
     """Raise a clear error for shapes the architecture cannot build."""
     if cfg.n_embd % cfg.n_head:
-        raise ValueError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
+        raise ConfigError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
     if cfg.n_head % kv_heads(cfg):
-        raise ValueError(f"model.n_head={cfg.n_head} must be divisible by model.n_kv_head={kv_heads(cfg)}")
+        raise ConfigError(f"model.n_head={cfg.n_head} must be divisible by model.n_kv_head={kv_heads(cfg)}")
     if (cfg.n_embd // cfg.n_head) % 2:
-        raise ValueError(f"head size n_embd/n_head={cfg.n_embd // cfg.n_head} must be even for RoPE")
+        raise ConfigError(f"head size n_embd/n_head={cfg.n_embd // cfg.n_head} must be even for RoPE")
 
 
 # ----------------------------------------------------------------------------- building blocks

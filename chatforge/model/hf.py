@@ -30,6 +30,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from chatforge.config import ModelConfig
+from chatforge.errors import ChatforgeError
+from chatforge.files import set_umask_mode
 from chatforge.model.gpt import GPT, kv_heads, mlp_hidden_size
 from chatforge.model.heads import ScalarModel
 
@@ -39,7 +41,7 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
-class ModelDirError(ValueError):
+class ModelDirError(ChatforgeError, ValueError):
     """The path is not a usable model directory (missing config.json or weights, bad JSON, bad shapes)."""
 
 
@@ -138,10 +140,12 @@ def model_config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` via a temporary sibling file and os.replace (atomic on POSIX)."""
+    """Write ``path`` via a temporary sibling file and os.replace (atomic on POSIX), with the umask's mode
+    (safetensors creates its files 0600)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        set_umask_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from chatforge.config import ModelConfig
+from chatforge.files import set_umask_mode
 from chatforge.model.hf import ModelDirError, read_hf_config
 
 
@@ -295,6 +296,8 @@ def save_hf_model(model: Union[HFCausalLM, HFScalarModel], out_dir: Union[str, P
     if any(p.dtype != torch.float32 for p in hf.parameters()):
         raise ValueError("save_hf_model: weights must be fp32 (chatforge saves fp32 model directories)")
     hf.save_pretrained(out, safe_serialization=True)
+    for f in out.glob("*.safetensors"):  # safetensors writes them 0600; give them the umask's mode
+        set_umask_mode(f)
     return out
 
 

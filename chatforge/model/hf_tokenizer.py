@@ -24,6 +24,7 @@ from typing import Optional, Union
 
 from tokenizers import AddedToken, Tokenizer
 
+from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import CHAT_TEMPLATE, CHAT_TEMPLATE_FILE, SPECIAL_TOKENS, TOKENIZER_FILE, ChatTokenizer
 
 log = logging.getLogger("chatforge.model")
@@ -33,7 +34,7 @@ TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.json", "token
                    "vocab.txt")
 
 
-class TokenizerDirError(ValueError):
+class TokenizerDirError(ChatforgeError, ValueError):
     """A model directory whose tokenizer is missing or cannot be given chatforge's chat tokens."""
 
 

@@ -118,11 +118,11 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu", *,
     try:
         model, cfg = load_model(path)
         if not isinstance(model, GPT):
-            raise ModelDirError(f"{path}: holds a {type(model).__name__}, not a causal language model "
+            raise ModelDirError(f"{path}: holds a reward model, not a language model "
                                 f"(a reward model directory cannot start this stage)")
     except NotNativeModelError:
         if arch.endswith("ForSequenceClassification"):
-            raise ModelDirError(f"{path}: holds a {arch}, not a causal language model "
+            raise ModelDirError(f"{path}: holds a {arch} (a reward model), not a language model "
                                 f"(a reward model directory cannot start this stage)") from None
         model = load_hf_causal(path, trust_remote_code)
         cfg = model.cfg
@@ -159,8 +159,8 @@ def load_scalar_model(path: str | Path, device: torch.device | str = "cpu", *,
     try:
         model, cfg = load_model(path)
         if not isinstance(model, ScalarModel):
-            raise ModelDirError(f"{path}: holds a {type(model).__name__}, not a reward model "
-                                f"(expected LlamaForSequenceClassification with num_labels 1)")
+            raise ModelDirError(f"{path}: holds a language model, not a reward model "
+                                f"(expected LlamaForSequenceClassification with num_labels 1, as `chatforge rm` writes)")
     except NotNativeModelError:
         model = load_hf_scalar(path, trust_remote_code)
         cfg = model.cfg

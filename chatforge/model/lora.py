@@ -31,7 +31,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from chatforge.config import LoraConfig
+from chatforge.config import ConfigError, LoraConfig
+from chatforge.files import set_umask_mode
 
 HEAD_NAMES = ("lm_head", "score")  # never adapted by all-linear; 'score' stays fully trainable
 ADAPTER_DIR = "adapter"  # <model dir>/adapter/: the unmerged adapter (lora.merge=false)
@@ -69,11 +70,11 @@ def resolve_targets(model: nn.Module, targets: list[str], source: str = "the mod
     if list(targets) == ["all-linear"]:
         return [n for n in names if n not in HEAD_NAMES]
     if not targets:
-        raise ValueError("lora.target_modules is empty; name the linear layers to adapt (or use all-linear)")
+        raise ConfigError("lora.target_modules is empty; name the linear layers to adapt (or use all-linear)")
     missing = [t for t in targets if t not in names]
     if missing:
-        raise ValueError(f"{source}: LoRA target modules {', '.join(missing)} do not exist in this model; its linear "
-                         f"layers are: {', '.join(names)} (set --lora.target_modules=... or all-linear)")
+        raise ConfigError(f"{source}: LoRA target modules {', '.join(missing)} do not exist in this model; its linear "
+                          f"layers are: {', '.join(names)} (set --lora.target_modules=... or all-linear)")
     return list(targets)
 
 
@@ -232,6 +233,7 @@ def save_adapter(model: nn.Module, directory) -> None:
     state = {"base_model.model." + k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().contiguous()
              for k, v in state.items()}
     save_file(state, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    set_umask_mode(d / "adapter_model.safetensors")  # safetensors writes it 0600
     model.peft_config["default"].save_pretrained(str(d))
 
 

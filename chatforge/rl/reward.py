@@ -26,13 +26,14 @@ import torch
 
 from chatforge.config import ConfigError
 from chatforge.data.batching import pad
+from chatforge.errors import ChatforgeError
 from chatforge.model.heads import gather_last
 from chatforge.tokenizer import ChatTokenizer, render_prompt, render_response
 
 RUN_INFO = "chatforge.json"
 
 
-class RewardError(ValueError):
+class RewardError(ChatforgeError, ValueError):
     """A reward source cannot be built or returned an unusable value."""
 
 
@@ -73,7 +74,7 @@ class RewardModelScorer:
             self.mean, self.std = float(norm["mean"]), float(norm["std"])
         elif normalize:
             raise RewardError(f"{self.path / RUN_INFO}: no 'reward_norm' statistics; not a chatforge rm/ output "
-                              f"(train one with `chatforge rm`, or use raw scores with normalize=False)")
+                              f"(train one with `chatforge rm`, or use raw scores: `chatforge score --raw`, normalize=False)")
         if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
             raise RewardError(f"{self.path / RUN_INFO}: bad reward_norm mean={self.mean} std={self.std}")
 

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from chatforge import losses
+from chatforge.config import ConfigError
 from chatforge.engine import Engine
 
 
@@ -111,8 +112,8 @@ def sample(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_
            top_p: Optional[float] = None) -> Sampled:
     """Batched generation with the KV cache (left-padded prompts), stopping at ``end_id``."""
     if temperature <= 0:
-        raise ValueError(f"rl.temperature must be > 0 for RL rollouts (log-prob ratios need a sampling "
-                         f"distribution), got {temperature}")
+        raise ConfigError(f"rl.temperature must be > 0 for RL rollouts (log-prob ratios need a sampling "
+                          f"distribution), got {temperature}")
     res = Engine(model).generate(prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  stop_ids=[end_id], pad_id=pad_id, generator=generator, return_logprobs=True)
     return Sampled(res.tokens, res.finished, res.logprobs)
