@@ -137,6 +137,7 @@ def summary_rows(root: str | Path) -> list[dict]:
     """One row per stage found in the run directory (plus the pipeline's data/tokenizer/pairs/eval steps)."""
     root = Path(root)
     steps = _pipeline_steps(root)
+    demo = is_demo(root)
     rows = []
     for name in ("data", "tokenizer"):
         if name in steps:
@@ -149,10 +150,10 @@ def summary_rows(root: str | Path) -> list[dict]:
         if "gold_score" in info:
             row["gold"] = (info["gold_score"], info.get("gold_score_se"))
             row["gold_greedy"] = (info.get("gold_score_greedy"), info.get("gold_score_greedy_se"))
-        if stage == "rm" and "accuracy" in info:
+        if stage == "rm" and demo and "accuracy" in info:  # the demo's held-out pairs carry gold labels
             row["rm_accuracy"] = (info["accuracy"], info.get("accuracy_se"))
         elif stage == "rm" and isinstance(m.get("eval_val_accuracy"), (int, float)):
-            row["rm_val_accuracy"] = float(m["eval_val_accuracy"])
+            row["rm_val_accuracy"] = float(m["eval_val_accuracy"])  # the rm stage's own held-out comparisons
         wr = info.get("win_rate_vs_sft", {}).get("sampled")
         if wr:
             row["win_rate"] = wr
