@@ -302,3 +302,28 @@ def test_public_recipe_micro_on_shared_data(shared_data, tmp_path):
     assert res["reward_model"] == str(out / "rm") and "win_rate_vs_sft_rm" in res["models"]["ppo"]
     md = (out / "report.md").read_text()
     assert "gold" not in md.lower() and "reward-model score" in md
+
+
+@pytest.mark.timeout(300)
+def test_recipe_variants_dpo_and_grpo_with_a_reward_function(files, tmp_path):
+    """sft -> dpo on program-ranked answers (no RM); sft -> grpo with rl.reward_fn (no RM, no comparisons)."""
+    out = tmp_path / "dpo"
+    results = run(out, recipe_args(files, "recipe.stages=[sft,dpo]", f"recipe.comparisons.prompts={files['prompts']}",
+                                   "recipe.eval.prompts=" + str(files["prompts"]), "recipe.eval.max_prompts=4"))
+    assert list(results) == ["data", "sft", "pairs", "dpo", "eval", "report"]
+    dpo = json.loads((out / "dpo" / "chatforge.json").read_text())
+    assert dpo["config"]["model"]["init"] == str(out / "sft")
+    assert dpo["config"]["data"]["path"] == [str(out / "pairs" / "train.jsonl")]
+    res = json.loads((out / "eval" / "results.json").read_text())
+    assert set(res["models"]) == {"sft", "dpo"} and res["reward_model"] is None
+    assert "win_rate_vs_sft_judge" in res["models"]["dpo"] and "rm_score" not in res["models"]["dpo"]
+    out = tmp_path / "grpo"
+    results = run(out, recipe_args(files, "recipe.stages=[sft,grpo]", "stages.grpo.rl.reward_fn=tests.rewards:letter_e",
+                                   "stages.grpo.rl.group_size=2", "stages.grpo.rl.prompts_per_step=2",
+                                   f"stages.grpo.data.path={files['prompts']}"))
+    assert list(results) == ["data", "sft", "grpo", "eval", "report"]
+    grpo = json.loads((out / "grpo" / "chatforge.json").read_text())
+    assert grpo["config"]["rl"]["reward_fn"] == "tests.rewards:letter_e" and grpo["config"]["rl"]["reward_model"] is None
+    assert grpo["config"]["data"]["path"] == [str(out / "data" / "rl_prompts.jsonl")]
+    md = (out / "report.md").read_text()
+    assert "judge score" in md and "reward-model score" not in md and "gold" not in md.lower()
