@@ -327,3 +327,24 @@ def test_recipe_variants_dpo_and_grpo_with_a_reward_function(files, tmp_path):
     assert grpo["config"]["data"]["path"] == [str(out / "data" / "rl_prompts.jsonl")]
     md = (out / "report.md").read_text()
     assert "judge score" in md and "reward-model score" not in md and "gold" not in md.lower()
+
+
+@pytest.mark.timeout(300)
+def test_recipe_rl_from_an_existing_sft_and_reward_model(program_run, files, tmp_path):
+    """recipe.stages=[ppo]: the policy and the reward model come from elsewhere (model.init, rl.reward_model);
+    the evaluation takes the policy's starting model as the SFT model and scores with that reward model."""
+    src, _ = program_run
+    out = tmp_path / "run"
+    args = recipe_args(files, "recipe.stages=[ppo]", f"stages.ppo.model.init={src / 'sft'}",
+                       f"stages.ppo.rl.reward_model={src / 'rm'}")
+    results = run(out, args)
+    assert list(results) == ["data", "ppo", "eval", "report"]
+    ppo = json.loads((out / "ppo" / "chatforge.json").read_text())
+    assert ppo["config"]["model"]["init"] == str(src / "sft") and ppo["config"]["rl"]["reward_model"] == str(src / "rm")
+    res = json.loads((out / "eval" / "results.json").read_text())
+    assert res["sft"] == str(src / "sft") and res["reward_model"] == str(src / "rm") and set(res["models"]) == {"sft", "ppo"}
+    assert "win_rate_vs_sft_rm" in res["models"]["ppo"]
+    assert not (src / "sft" / "eval").exists()  # nothing written into the models given from elsewhere
+    # a missing reward model directory stops before any work
+    with pytest.raises(ConfigError, match="stage ppo: stages.ppo.rl.reward_model: no such model directory"):
+        Pipeline(RECIPE_MICRO, tmp_path / "other", args + ["stages.ppo.rl.reward_model=/no/rm"], verbose=False)
