@@ -164,6 +164,11 @@ def test_recipe_rerun_skips_and_changed_data_reruns_downstream(program_run, file
     args = [a for a in recipe_args(files) if not a.startswith("stages.sft.data.path")] + [f"stages.sft.data.path={sft}"]
     status = {k: r.status for k, r in run(out, args).items()}
     assert status["data"] == "skipped" and all(status[k] == "ran" for k in ("sft", "pairs", "rm", "ppo"))
+    # --force rm reruns rm and what follows; --stages picks a subset with its prerequisites
+    status = {k: r.status for k, r in run(out, args, force=["rm"]).items()}
+    assert status["sft"] == status["pairs"] == "skipped" and status["rm"] == status["ppo"] == "ran"
+    assert {k: r.status for k, r in run(out, args, stages=["rm"]).items()} == {
+        "data": "skipped", "pairs": "skipped", "rm": "skipped"}
 
 
 # ------------------------------------------------------------------------------------------ people as labellers
