@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from chatforge.checkpoint import atomic_write_json, atomic_write_text
-from chatforge.config import ConfigError
 from chatforge.data.labels import (Candidate, Label, label_pairs, make_candidate, read_candidates, read_labels,
                                    write_candidates)
 

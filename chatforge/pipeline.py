@@ -29,7 +29,6 @@ One YAML holds every stage: shared sections at the top, ``stages.<stage>`` per s
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import random
 import shutil
@@ -291,26 +290,11 @@ class Pipeline:
     # ---- steps -----------------------------------------------------------------------------------------------
 
     def step_data(self) -> StepResult:
-        return self.step_demo_data() if self.is_demo else self.step_recipe_data()
+        if self.is_demo:
+            from chatforge.demo_steps import demo_data
 
-    def step_demo_data(self) -> StepResult:
-        """Generate the demo world into data/ (regenerated only when the demo settings or the judge change)."""
-        from chatforge.demo.judge import JUDGE_VERSION
-
-        d = self.demo
-        spec = {"seed": d.seed, "corpus_mb": d.corpus_mb, "n_sft": d.n_sft, "n_pairs": d.n_pairs,
-                "n_rl_prompts": d.n_rl_prompts, "n_eval_prompts": d.n_eval_prompts, "label_noise": d.label_noise}
-        fp = digest({**spec, "judge": JUDGE_VERSION})  # the variant pairs are labelled by the judge
-        meta = self.data_dir / "world.json"
-        if "data" not in self.force and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp \
-                and all(self.data_file(k).is_file() for k in ("corpus", "sft", "preferences", "rl_prompts", "eval_prompts")):
-            return StepResult("skipped")
-        from chatforge.demo.files import write_world
-
-        paths = write_world(self.data_dir, **spec)
-        files = {k: {"path": str(p), "sha256": file_digest(p), "bytes": p.stat().st_size} for k, p in paths.items()}
-        atomic_write_json(meta, {"fingerprint": fp, "spec": spec, "files": files})
-        return StepResult("ran", detail={k: v["bytes"] for k, v in files.items()})
+            return demo_data(self)
+        return self.step_recipe_data()
 
     def step_recipe_data(self) -> StepResult:
         """The user's files: the RL prompts split into RL training and evaluation prompts (when the recipe
@@ -357,7 +341,8 @@ class Pipeline:
         atomic_write_json(meta, {"fingerprint": fp, "spec": spec, "stats": stats})
         return StepResult("ran", detail=stats)
 
-    def data_digest(self, *names: str) -> dict:
+    def world_digest(self, *names: str) -> dict:
+        """The digests of demo world files (data/world.json)."""
         meta = json.loads((self.data_dir / "world.json").read_text())
         return {n: meta["files"][n]["sha256"] for n in names}
 
@@ -368,7 +353,7 @@ class Pipeline:
 
         cfg = self.stage_config("pretrain")
         if self.is_demo:
-            paths, corpus = [str(self.data_file("corpus"))], self.data_digest("corpus")
+            paths, corpus = [str(self.data_file("corpus"))], self.world_digest("corpus")
         else:
             paths = cfg.data.path
             corpus = {"corpus": data_digest(paths)}
@@ -394,37 +379,11 @@ class Pipeline:
 
     def wire(self, stage: str) -> tuple[Config, dict]:
         """The stage's config with its inputs wired to the run directory, and the digests of those inputs."""
-        return self.wire_demo(stage) if self.is_demo else self.wire_files(stage)
+        if self.is_demo:
+            from chatforge.demo_steps import demo_wire
 
-    def wire_demo(self, stage: str) -> tuple[Config, dict]:
-        cfg = self.stage_config(stage)
-        inputs: dict = {}
-        pairs = self.root / "pairs"
-        if stage == "pretrain":
-            cfg.data.path = [str(self.data_file("corpus"))]
-            cfg.tokenizer.path = str(self.path("tokenizer"))
-            inputs.update(self.data_digest("corpus"))
-            inputs["tokenizer"] = file_digest(self.path("tokenizer") / "tokenizer.json")
-        elif stage == "sft":
-            cfg.model.init = self.need(stage, "pretrain", inputs)
-            cfg.tokenizer.path = None
-            cfg.data.path = [str(self.data_file("sft"))]
-            inputs.update(self.data_digest("sft"))
-        elif stage in ("rm", "dpo"):
-            cfg.model.init = self.need(stage, "sft", inputs)
-            cfg.tokenizer.path = None
-            cfg.data.path = [str(pairs / "train.jsonl")]
-            if stage == "rm":
-                cfg.data.val_path = [str(pairs / "heldout.jsonl")]
-            inputs["pairs"] = file_digest(pairs / "train.jsonl")
-            inputs["heldout"] = file_digest(pairs / "heldout.jsonl")
-        elif stage in ("ppo", "grpo"):
-            cfg.model.init = self.need(stage, "sft", inputs)
-            cfg.rl.reward_model = self.need(stage, "rm", inputs)
-            cfg.tokenizer.path = None
-            cfg.data.path = [str(self.data_file("rl_prompts"))]
-            inputs.update(self.data_digest("rl_prompts"))
-        return cfg, inputs
+            return demo_wire(self, stage)
+        return self.wire_files(stage)
 
     def wire_files(self, stage: str) -> tuple[Config, dict]:
         cfg = self.stage_config(stage)
@@ -491,7 +450,9 @@ class Pipeline:
         """The reward model's comparisons: the demo's judge-labelled pairs, or SFT answers ranked by a program
         or by people (chatforge/comparisons.py)."""
         if self.is_demo:
-            return self.step_demo_pairs()
+            from chatforge.demo_steps import demo_pairs
+
+            return demo_pairs(self)
         from chatforge.comparisons import build_comparisons
 
         return build_comparisons(self)
@@ -509,129 +470,16 @@ class Pipeline:
         raise ConfigError("stage rm: no SFT model to sample the answers to rank: add sft to recipe.stages or "
                           "set stages.rm.model.init")
 
-    def step_demo_pairs(self) -> StepResult:
-        """RM preference pairs: responses sampled from the SFT model, labelled by the gold judge.
-
-        train.jsonl: every two of ``demo.samples_per_pair_prompt`` samples per training-bucket prompt, label
-        noise ``demo.label_noise``, ties dropped, plus the controlled variant pairs of data/preferences.jsonl.
-        heldout.jsonl: the same construction on the held-out evaluation prompts, with noise-free gold labels
-        (at most ``demo.n_heldout_pairs``, in random order).
-        """
-        from chatforge.demo.judge import JUDGE_VERSION, difference_kind, gold_score
-        from chatforge.demo.preferences import label_pairs
-        from chatforge.demo.tasks import rl_prompts
-        from chatforge.evaluate import generate
-        from chatforge.model.load import load_causal_lm
-
-        d, dm = self.root / "pairs", self.demo
-        if not self.finished("sft"):
-            raise ConfigError(f"the preference pairs need a finished sft/ in {self.root}; run --stages sft first "
-                              "(or without --stages)")
-        spec = {"sft": model_digest(self.path("sft")), **self.data_digest("preferences", "eval_prompts"),
-                "n_sampled": dm.n_sampled_pair_prompts, "k": dm.samples_per_pair_prompt, "n_heldout": dm.n_heldout_pairs, "noise": dm.label_noise,
-                "seed": dm.seed, "max_new_tokens": dm.eval_max_new_tokens, "judge": JUDGE_VERSION}
-        fp = digest(spec)
-        rec = d / PIPELINE_FILE
-        if "pairs" not in self.force and rec.is_file() and json.loads(rec.read_text()).get("fingerprint") == fp:
-            return StepResult("skipped")
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-        model, _, tok = load_causal_lm(self.path("sft"), self.device)
-
-        def sample_k(prompts: list[str], seed: int, k: int = 2) -> list[list[str]]:
-            ans = generate(model, tok, [p for p in prompts for _ in range(k)], max_new_tokens=dm.eval_max_new_tokens,
-                           temperature=1.0, seed=seed, batch_size=dm.eval_batch_size)
-            return [ans.texts[i * k:(i + 1) * k] for i in range(len(prompts))]
-
-        rng = random.Random(f"chatforge-pipeline-pairs-{dm.seed}")
-        train, stats = [], {"sampled_ties": 0, "sampled_empty": 0}
-        prompts = rl_prompts(dm.seed + 7919, dm.n_sampled_pair_prompts) if dm.n_sampled_pair_prompts else []
-        k = dm.samples_per_pair_prompt
-        for p, answers in zip(prompts, sample_k(prompts, dm.seed + 1, k=k)):
-            for a, b in itertools.combinations(answers, 2):  # every two of the k answers make a pair
-                if not a.strip() or not b.strip():
-                    stats["sampled_empty"] += 1
-                    continue
-                lab = label_pairs(p, a, b, rng, dm.label_noise)
-                if lab is None:
-                    stats["sampled_ties"] += 1
-                    continue
-                train.append({"prompt": p, "chosen": lab[0], "rejected": lab[1], "source": "sft_sample"})
-        stats["sampled_pairs"] = len(train)
-        variants = [json.loads(line) for line in self.data_file("preferences").read_text().splitlines() if line.strip()]
-        train += [{**v, "source": "variant"} for v in variants]
-        stats["variant_pairs"] = len(variants)
-        rng.shuffle(train)
-
-        heldout = []  # built as the training pairs are (every two of k answers), labelled without noise
-        eval_p = self.eval_prompts()
-        for p, answers in zip(eval_p, sample_k(eval_p, dm.seed + 2, k=k)):
-            for a, b in itertools.combinations(answers, 2):
-                if not a.strip() or not b.strip():
-                    continue
-                sa, sb = gold_score(p, a), gold_score(p, b)
-                if abs(sa - sb) < 1e-9:
-                    continue
-                c, r = (a, b) if sa > sb else (b, a)
-                heldout.append({"prompt": p, "chosen": c, "rejected": r, "gold_gap": abs(sa - sb),
-                                "kind": difference_kind(p, c, r)})
-        random.Random(f"chatforge-heldout-pairs-{dm.seed}").shuffle(heldout)
-        heldout = heldout[:dm.n_heldout_pairs]  # a random subset when capped
-        stats["heldout_pairs"] = len(heldout)
-        if not train or not heldout:
-            raise ValueError(f"{d}: the SFT model produced no usable preference pairs ({stats}); "
-                             "train SFT longer or raise demo.n_sampled_pair_prompts")
-        for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
-            atomic_write_text(d / name, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_json(rec, {"fingerprint": fp, "spec": spec, "stats": stats})
-        return StepResult("ran", detail=stats)
-
     def step_eval(self) -> StepResult:
         """The demo: gold-judge scores; any other recipe: reward-model (and judge) scores, lengths, endings, KL
         to the SFT model and win rates over it (chatforge/recipe_eval.py)."""
         if self.is_demo:
-            return self.demo_eval()
+            from chatforge.demo_steps import demo_eval
+
+            return demo_eval(self)
         from chatforge.recipe_eval import evaluate_run
 
         return StepResult("ran", detail=evaluate_run(self))
-
-    def demo_eval(self) -> StepResult:
-        """Gold scores of every finished policy, PPO/DPO-over-SFT win rates, RM held-out accuracy, and the
-        gold-vs-RM-over-KL monitor along PPO."""
-        from chatforge.evaluate import gold_eval_dir, pairwise_eval, ppo_monitor, rm_eval_dir
-
-        dm, prompts, out = self.demo, self.eval_prompts(), {}
-        force = "eval" in self.force
-        for stage in ("pretrain", "sft", "ppo", "dpo"):
-            if self.finished(stage):
-                t0 = time.time()
-                r = gold_eval_dir(self.path(stage), prompts, max_new_tokens=dm.eval_max_new_tokens, seed=dm.seed,
-                                  batch_size=dm.eval_batch_size, device=self.device, force=force)
-                out[DIRS[stage]] = {k: r[k] for k in ("gold_score", "gold_score_se", "gold_score_greedy", "gold_score_greedy_se")}
-                self.log(f"   {DIRS[stage]:>4}: gold {r['gold_score']:.3f} ± {r['gold_score_se']:.3f} (sampled), "
-                         f"{r['gold_score_greedy']:.3f} ± {r['gold_score_greedy_se']:.3f} (greedy)  [{time.time() - t0:.0f}s]")
-        for stage in ("ppo", "dpo"):
-            if self.finished(stage) and self.finished("sft"):
-                wr = pairwise_eval(self.path(stage), self.path("sft"))
-                s = wr["sampled"]
-                out[f"{DIRS[stage]}_win_rate_vs_sft"] = s["win_rate"]
-                self.log(f"   {DIRS[stage]} over sft: win rate {s['win_rate']:.3f} "
-                         f"[{s['win_rate_lo']:.3f}, {s['win_rate_hi']:.3f}] (sampled, ties half)")
-        heldout = self.root / "pairs" / "heldout.jsonl"
-        if self.finished("rm") and heldout.is_file():
-            info = read_run_info(self.path("rm"))
-            fp = digest([model_digest(self.path("rm")), file_digest(heldout)])
-            if force or info.get("heldout_eval", {}).get("fingerprint") != fp:
-                pairs = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
-                r = rm_eval_dir(self.path("rm"), pairs, device=self.device)
-                r["fingerprint"] = fp
-                update_run_info(self.path("rm"), heldout_eval=r)
-            acc = read_run_info(self.path("rm"))["accuracy"]
-            out["rm_accuracy"] = acc
-            self.log(f"   rm: held-out accuracy {acc:.3f} vs noise-free gold labels")
-        if self.finished("ppo"):
-            ppo_monitor(self.path("ppo"), self.path("sft") if self.finished("sft") else None)
-        return StepResult("ran", detail=out)
 
     def step_report(self) -> StepResult:
         from chatforge.report import build_report
