@@ -5,7 +5,8 @@ The recipe (the YAML's ``recipe`` section, :class:`chatforge.config.RecipeConfig
 where each stage's data comes from: ``recipe.data: demo`` generates the built-in demo world (the ``demo``
 section) and wires every stage to it; ``recipe.data: files`` reads the user's files named by
 ``stages.<stage>.data.path``. The reward model's comparisons come from a preference file, from SFT answers
-ranked by a program, or from SFT answers ranked by people (``recipe.comparisons``; chatforge/comparisons.py).
+ranked by a program, or from SFT answers ranked by people (``recipe.comparisons``; chatforge/comparisons.py). The demo world's own steps live in
+chatforge/demo_steps.py, the evaluation of any other recipe in chatforge/recipe_eval.py.
 
 Every step is a function of its inputs, recorded as a *fingerprint*: the stage's resolved config (paths
 blanked, progress flags dropped), the digests of its data files and of its upstream models' weights. A step
