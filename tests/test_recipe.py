@@ -89,6 +89,11 @@ def expected_pairs(labels) -> set:
     return out
 
 
+def card(root) -> str:
+    """The report card's own words (the models' answers shown side by side left out)."""
+    return (root / "report.md").read_text().split("## Side by side")[0]
+
+
 def pair_set(path) -> set:
     return {(json.dumps(r["prompt"]), r["chosen"], r["rejected"]) for r in lines(path)}
 
@@ -142,10 +147,12 @@ def test_micro_recipe_end_to_end_from_a_local_llama(program_run, files):
         w = res["models"]["ppo"][f"win_rate_vs_sft_{by}"]
         assert w["wins"] + w["ties"] + w["losses"] == 6
     # the card says what measured the run, and nothing of gold labels or label noise
-    md = (out / "report.md").read_text()
+    md = card(out)
     assert "reward-model score" in md and "judge score" in md and "win rate vs SFT (reward model)" in md
     assert "gold" not in md.lower() and "noise" not in md.lower()
     assert (out / "plots" / "eval_scores.png").is_file()
+    side = (out / "report.md").read_text().split("## Side by side on the evaluation prompts")[1]
+    assert "| prompt | sft | ppo |" in side and len([x for x in side.splitlines() if x.startswith("| Tell me")]) == 4
 
 
 @pytest.mark.timeout(300)
@@ -276,7 +283,7 @@ def test_report_on_hand_run_stage_folders_and_on_neither(program_run, tmp_path, 
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "| sft |" in out and "| rm |" in out
-    md = (hand / "report.md").read_text()
+    md = card(hand)
     assert "A folder of stage directories: sft (my-sft/), rm (my-rm/)" in md and "gold" not in md.lower()
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:
@@ -305,7 +312,7 @@ def test_public_recipe_micro_on_shared_data(shared_data, tmp_path):
     res = json.loads((out / "eval" / "results.json").read_text())
     assert set(res["models"]) == {"base", "sft", "ppo"} and res["n_prompts"] == 4
     assert res["reward_model"] == str(out / "rm") and "win_rate_vs_sft_rm" in res["models"]["ppo"]
-    md = (out / "report.md").read_text()
+    md = card(out)
     assert "gold" not in md.lower() and "reward-model score" in md
 
 
@@ -330,7 +337,7 @@ def test_recipe_variants_dpo_and_grpo_with_a_reward_function(files, tmp_path):
     grpo = json.loads((out / "grpo" / "chatforge.json").read_text())
     assert grpo["config"]["rl"]["reward_fn"] == "tests.rewards:letter_e" and grpo["config"]["rl"]["reward_model"] is None
     assert grpo["config"]["data"]["path"] == [str(out / "data" / "rl_prompts.jsonl")]
-    md = (out / "report.md").read_text()
+    md = card(out)
     assert "judge score" in md and "reward-model score" not in md and "gold" not in md.lower()
 
 
