@@ -180,7 +180,7 @@ def test_recipe_rerun_skips_and_changed_data_reruns_downstream(program_run, file
 
 # ------------------------------------------------------------------------------------------ people as labellers
 @pytest.mark.timeout(300)
-def test_people_rank_candidates_and_exactly_their_rankings_train_the_rm(files, tmp_path):
+def test_people_rank_candidates_and_exactly_their_rankings_train_the_rm(files, tmp_path, capsys):
     out = tmp_path / "run"
     args = recipe_args(files, "recipe.stages=[sft,rm]", "recipe.comparisons.source=people",
                        "recipe.comparisons.max_prompts=4", f"recipe.comparisons.prompts={files['prompts']}")
@@ -203,6 +203,11 @@ def test_people_rank_candidates_and_exactly_their_rankings_train_the_rm(files, t
     write_jsonl(labels_path, labels[:2])
     results = Pipeline(RECIPE_MICRO, out, args, verbose=False).run()  # 2 of 4: still waiting
     assert results["pairs"].status == "waiting" and results["sft"].status == "skipped"
+    from chatforge import cli
+
+    with pytest.raises(SystemExit) as e:  # the command says what to do next and exits with status 3
+        cli.main(["pipeline", "--config", RECIPE_MICRO, "--out", str(out), "--quiet"] + [f"--{a}" for a in args])
+    assert e.value.code == 3 and "waiting for people's rankings: 2 of the 4 prompts" in capsys.readouterr().out
     write_jsonl(labels_path, labels)
     results = Pipeline(RECIPE_MICRO, out, args + ["recipe.comparisons.min_labels=3"], verbose=False).run()
     assert results["pairs"].status == "ran" and results["rm"].status == "ran"
