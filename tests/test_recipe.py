@@ -365,3 +365,17 @@ def test_recipe_rl_from_an_existing_sft_and_reward_model(program_run, files, tmp
     # a missing reward model directory stops before any work
     with pytest.raises(ConfigError, match="stage ppo: stages.ppo.rl.reward_model: no such model directory"):
         Pipeline(RECIPE_MICRO, tmp_path / "other", args + ["stages.ppo.rl.reward_model=/no/rm"], verbose=False)
+
+
+def test_eval_logprobs_of_answers_equal_the_engine_s(files):
+    """KL to SFT is sum log pi - sum log pi_sft over the sampled ids: the teacher-forced log-probs of an answer
+    must equal the ones the engine sampled it with (same model), so a model's KL to itself is 0."""
+    from chatforge.model.load import load_causal_lm
+    from chatforge.recipe_eval import answer_logprobs, sample_answers
+
+    model, _, tok = load_causal_lm(files["model"])
+    prompts = ["Tell me about Ada.", [{"role": "user", "content": "hi"}], "What does Ben like?"]
+    rows = sample_answers(model, tok, prompts, max_new_tokens=12, seed=3, batch_size=2)
+    assert [r["tokens"] for r in rows] == [len(r["ids"]) for r in rows] and all(r["tokens"] > 0 for r in rows)
+    again = answer_logprobs(model, tok, prompts, [r["ids"] for r in rows], batch_size=2)
+    assert again == pytest.approx([r["logp"] for r in rows], abs=1e-4)
