@@ -309,8 +309,10 @@ class Pipeline:
                 "max_prompts": ev.max_prompts, "seed": ev.seed}
         fp = digest(spec)
         meta = self.data_dir / "recipe.json"
-        if "data" not in self.force and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp:
-            return StepResult("skipped")
+        if "data" not in self.force and meta.is_file():
+            rec = json.loads(meta.read_text())
+            if rec.get("fingerprint") == fp and all(self.data_file(k).is_file() for k in rec.get("stats", {})):
+                return StepResult("skipped")
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
         def as_json(p) -> object:  # one user message -> a string (the demo's and most files' form)
@@ -338,7 +340,7 @@ class Pipeline:
             evp = evp[:ev.max_prompts]
         if evp:
             write("eval_prompts", evp)
-        stats["eval_prompts"] = len(evp)
+            stats["eval_prompts"] = len(evp)
         atomic_write_json(meta, {"fingerprint": fp, "spec": spec, "stats": stats})
         return StepResult("ran", detail=stats)
 
