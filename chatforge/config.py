@@ -288,6 +288,74 @@ class DemoConfig:
 
 
 @dataclass
+class ComparisonsConfig:
+    source: str = "file"
+    """Where the reward model's comparisons come from: 'file' (stages.rm.data.path, any preference format the
+    rm stage reads), 'program' (SFT answers ranked by `ranker`) or 'people' (SFT answers ranked by people in
+    <run>/labels/labels.jsonl)."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompt files whose SFT answers are ranked ('program', 'people'); empty = the RL training prompts."""
+    max_prompts: int = 0
+    """Rank the answers of at most this many of those prompts (the first ones; 0 = all)."""
+    samples_per_prompt: int = 4
+    """Answers sampled from the SFT model per prompt, ranked together (k answers make k(k-1)/2 pairs at most)."""
+    max_new_tokens: int = 64
+    """Length cap of those answers."""
+    temperature: float = 1.0
+    """Sampling temperature of those answers."""
+    seed: int = 0
+    """Seed of the sampling."""
+    ranker: Optional[str] = None
+    """'module:function' of (prompt, responses) -> scores, one number per response, higher is better ('program').
+    A prompt is passed as a string (one user message) or as a message list."""
+    min_labels: int = 0
+    """'people': go on to the reward model once this many prompts are ranked (0 = when every candidate is)."""
+
+
+@dataclass
+class RecipeEvalConfig:
+    prompts: list[str] = field(default_factory=list)
+    """Evaluation prompt files; empty = `heldout_prompts` RL prompts held out from RL training."""
+    heldout_prompts: int = 100
+    """When `prompts` is empty: this many RL prompts (a seeded random choice) are kept out of RL for evaluation."""
+    max_prompts: int = 200
+    """Evaluate on at most this many prompts (the first ones; 0 = all)."""
+    max_new_tokens: int = 64
+    """Length cap of the evaluation answers (sampled at temperature 1)."""
+    batch_size: int = 32
+    """Prompts generated together."""
+    seed: int = 0
+    """Seed of the evaluation sampling and of the held-out split."""
+    judge: Optional[str] = None
+    """'module:function' of (prompt, response) -> score: a second judge of the win rates over SFT (optional)."""
+    side_by_side: int = 12
+    """Prompts shown answered side by side in the report."""
+
+
+@dataclass
+class RecipeConfig:
+    data: str = "files"
+    """'demo' = the built-in demo world (the `demo` section makes every stage's data); 'files' = the files named
+    by stages.<stage>.data.path."""
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "sft", "rm", "ppo"])
+    """Training stages of the recipe, from pretrain, sft, rm, ppo, dpo, grpo (sft with model.init skips pretrain)."""
+    comparisons: ComparisonsConfig = field(default_factory=ComparisonsConfig)
+    eval: RecipeEvalConfig = field(default_factory=RecipeEvalConfig)
+
+
+@dataclass
+class PipelineConfig:
+    """What `chatforge pipeline` reads besides the stages' configs: the YAML's `recipe` and `demo` sections."""
+
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+PIPELINE_SECTIONS = ("recipe", "demo")
+"""Top-level YAML sections that belong to the pipeline, not to the stages."""
+
+
+@dataclass
 class Config:
     """Everything one stage needs. Sections not used by a stage are ignored by it."""
 
@@ -304,7 +372,6 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 CHOICES = {
@@ -405,6 +472,8 @@ def load_config(stage: str, path: Optional[str | Path] = None, overrides: Option
         raw = OmegaConf.load(path)
         if not isinstance(raw, DictConfig):
             raise ConfigError(f"{path}: a config file must be a mapping of sections")
+        for section in PIPELINE_SECTIONS:  # the pipeline's own sections (load_pipeline_config)
+            raw.pop(section, None)
         stages = raw.pop("stages", None) or {}
         for s in stages:
             if s not in STAGES:
@@ -460,4 +529,36 @@ def from_dict(d: dict, stage: Optional[str] = None) -> Config:
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     if stage is not None:
         cfg.stage = stage
+    return cfg
+
+
+PIPELINE_CHOICES = {"recipe.data": ("demo", "files"), "recipe.comparisons.source": ("file", "program", "people")}
+
+
+def load_pipeline_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
+    """The YAML's `recipe` and `demo` sections <- ``recipe.*`` / ``demo.*`` overrides (dotlist entries)."""
+    schema = OmegaConf.structured(PipelineConfig)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        raw = OmegaConf.load(path)
+        if not isinstance(raw, DictConfig):
+            raise ConfigError(f"{path}: a config file must be a mapping of sections")
+        layers.append((str(path), {k: raw[k] for k in PIPELINE_SECTIONS if k in raw}))
+    layers.append(("command line", OmegaConf.from_dotlist(_coerce_lists(schema, overrides or []))))
+    merged = schema
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, source) from None
+    cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    for key, choices in PIPELINE_CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value not in choices:
+            raise ConfigError(f"bad value for '{key}': {value!r}; choose one of {', '.join(choices)}")
+    bad = [s for s in cfg.recipe.stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"recipe.stages: unknown stage '{bad[0]}'; choose from {', '.join(STAGES)}")
     return cfg

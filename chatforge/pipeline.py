@@ -1,5 +1,12 @@
-"""The whole recipe in one command: demo data -> tokenizer -> base -> sft -> pairs -> rm -> ppo (-> dpo) -> eval
--> report, into one run directory (DESIGN.md "Run directories").
+"""Any recipe in one command: data -> tokenizer -> base -> sft -> comparisons -> rm -> ppo (dpo, grpo) -> eval ->
+report, into one run directory (DESIGN.md "Run directories").
+
+The recipe (the YAML's ``recipe`` section, :class:`chatforge.config.RecipeConfig`) names the training stages and
+where each stage's data comes from: ``recipe.data: demo`` generates the built-in demo world (the ``demo``
+section) and wires every stage to it; ``recipe.data: files`` reads the user's files named by
+``stages.<stage>.data.path``. The reward model's comparisons come from a preference file, from SFT answers
+ranked by a program, or from SFT answers ranked by people (``recipe.comparisons``; chatforge/comparisons.py). The demo world's own steps live in
+chatforge/demo_steps.py, the evaluation of any other recipe in chatforge/recipe_eval.py.
 
 Every step is a function of its inputs, recorded as a *fingerprint*: the stage's resolved config (paths
 blanked, progress flags dropped), the digests of its data files and of its upstream models' weights. A step
@@ -7,45 +14,51 @@ whose finished output records the same fingerprint is skipped; a stage folder ho
 for the same fingerprint is resumed (the stage's Trainer continues from its checkpoint); anything else is
 wiped and rerun. ``force`` reruns the named steps and everything downstream of them.
 
-    <run>/data/          the demo world (corpus, sft, preferences, rl_prompts, eval_prompts)  + world.json
-    <run>/tokenizer/     BPE trained on the corpus                                            + pipeline.json
-    <run>/base|sft|rm|ppo|dpo/   model directories (chatforge.json records the fingerprint under "pipeline")
-    <run>/pairs/         RM pairs sampled from the SFT model: train.jsonl (noisy labels), heldout.jsonl (gold)
-    <run>/pipeline.json  per-step status and wall time of the last call
+    <run>/data/          demo: the generated world + world.json; files: the RL/evaluation prompt split + recipe.json
+    <run>/tokenizer/     BPE trained on the pretraining text                                  + pipeline.json
+    <run>/base|sft|rm|ppo|dpo|grpo/  model directories (chatforge.json records the fingerprint under "pipeline")
+    <run>/pairs/         the RM's comparisons: train.jsonl (+ demo: heldout.jsonl with gold labels)
+    <run>/labels/        people's rankings: candidates.jsonl (written here), labels.jsonl (written by people)
+    <run>/pipeline.json  the recipe, per-step status and wall time of the last call
     <run>/report.md, plots/
 
-One YAML holds every stage: shared sections at the top, ``stages.<stage>`` per stage. Overrides apply to every
-stage, or to one when written ``stages.<stage>.<section>.<key>=value``.
+One YAML holds every stage: shared sections at the top, ``stages.<stage>`` per stage, and the pipeline's own
+``recipe`` and ``demo`` sections. Overrides apply to every stage, or to one when written
+``stages.<stage>.<section>.<key>=value``; ``recipe.*`` and ``demo.*`` overrides go to the pipeline.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from chatforge.checkpoint import atomic_write_json, atomic_write_text
 from chatforge.config import STAGES as CONFIG_STAGES
-from chatforge.config import Config, ConfigError, DemoConfig, load_config, to_dict
-from chatforge.errors import ChatforgeError
+from chatforge.config import (PIPELINE_SECTIONS, Config, ConfigError, DemoConfig, PipelineConfig, load_config,
+                              load_pipeline_config, to_dict)
 from chatforge.evaluate import file_digest, model_digest, read_run_info, update_run_info
 
-TRAIN_STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
-DIRS = {"pretrain": "base", "sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo"}
-STEPS = ("data", "tokenizer", "pretrain", "sft", "pairs", "rm", "ppo", "dpo", "eval", "report")
+TRAIN_STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
+DIRS = {"pretrain": "base", "sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
+STEPS = ("data", "tokenizer", "pretrain", "sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval", "report")
 UPSTREAM = {"data": [], "tokenizer": ["data"], "pretrain": ["tokenizer"], "sft": ["pretrain"], "pairs": ["sft"],
-            "rm": ["pairs"], "ppo": ["rm", "sft"], "dpo": ["pairs"], "eval": ["pretrain", "sft", "rm", "ppo", "dpo"],
-            "report": ["eval"]}
-ALIASES = {"base": "pretrain"}
+            "rm": ["pairs"], "ppo": ["rm", "sft"], "dpo": ["pairs"], "grpo": ["rm", "sft"],
+            "eval": ["pretrain", "sft", "rm", "ppo", "dpo", "grpo"], "report": ["eval"]}
+ALIASES = {"base": "pretrain", "comparisons": "pairs"}
 PIPELINE_FILE = "pipeline.json"
 VOLATILE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("model", "init"), ("tokenizer", "path"), ("data", "path"),
             ("data", "val_path"), ("rl", "reward_model")}
+EXIT_WAITING = 3  # `chatforge pipeline` stopped to wait for people's rankings
+
+
+class WaitingForLabels(Exception):
+    """The recipe needs more ranked prompts in <run>/labels/labels.jsonl; the message says what to do."""
 
 
 def digest(obj) -> str:
@@ -62,10 +75,13 @@ def downstream(step: str) -> list[str]:
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Dotlist entries -> (shared, {stage: entries}); ``stages.ppo.rl.kl_coef=0.2`` goes to ppo only."""
+    """Dotlist entries -> (shared, {stage: entries}); ``stages.ppo.rl.kl_coef=0.2`` goes to ppo only.
+    ``recipe.*`` / ``demo.*`` entries are the pipeline's (see :func:`pipeline_overrides`) and left out."""
     shared: list[str] = []
     per: dict[str, list[str]] = {}
     for o in overrides:
+        if o.split(".", 1)[0] in PIPELINE_SECTIONS:
+            continue
         if o.startswith("stages."):
             parts = o.split(".", 2)
             if len(parts) < 3 or parts[1] not in CONFIG_STAGES:
@@ -77,18 +93,41 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str
     return shared, per
 
 
+def pipeline_overrides(overrides: list[str]) -> list[str]:
+    """The ``recipe.*`` and ``demo.*`` entries of a dotlist."""
+    return [o for o in overrides if o.split(".", 1)[0] in PIPELINE_SECTIONS]
+
+
 def config_fingerprint(cfg: Config) -> dict:
     """The config as a stage's input: paths (covered by data/model digests) and display flags removed."""
     d = to_dict(cfg)
     for section, key in VOLATILE:
         d.get(section, {}).pop(key, None)
-    d.pop("demo", None)  # the demo section shapes the data, which is fingerprinted by its files
+    d.pop("demo", None)  # (older configs carried the demo section; the demo's data is fingerprinted by its files)
     return d
+
+
+def path_digest(path: str | Path) -> str:
+    """A model directory's or data file's fingerprint: its weights/bytes, or (sharded or other weights) the
+    names, sizes and modification times of its files."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return model_digest(p)
+    if p.is_file():
+        return file_digest(p)
+    files = sorted(f for f in p.rglob("*") if f.is_file() and "checkpoint" not in f.parts)
+    return digest([[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+def data_digest(paths: list[str]) -> str:
+    from chatforge.data.records import fingerprint
+
+    return fingerprint(paths)[:16]
 
 
 @dataclass
 class StepResult:
-    status: str  # "ran", "resumed", "skipped"
+    status: str  # "ran", "resumed", "skipped", "waiting"
     wall_s: float = 0.0
     detail: dict = field(default_factory=dict)
 
@@ -101,11 +140,21 @@ class Pipeline:
                  device: str = "cpu"):
         self.config_path = str(config) if config else None
         self.root = Path(out)
-        self.shared, self.per_stage = split_overrides(list(overrides or []))
+        overrides = list(overrides or [])
+        self.shared, self.per_stage = split_overrides(overrides)
+        self.pcfg: PipelineConfig = load_pipeline_config(self.config_path, pipeline_overrides(overrides))
+        self.recipe = self.pcfg.recipe
+        self.demo: DemoConfig = self.pcfg.demo
+        self.is_demo = self.recipe.data == "demo"
         self.verbose = verbose
-        self.demo: DemoConfig = self.stage_config("pretrain").demo
         self.device = device
-        enabled = [s for s in TRAIN_STAGES if s != "dpo" or self.demo.dpo]
+        self.notes: list[str] = []
+        self.plan = self._plan()
+        enabled = [s for s in STEPS if s in self.plan or s not in TRAIN_STAGES]
+        if "tokenizer" not in self.plan:
+            enabled.remove("tokenizer")
+        if "pairs" not in self.plan:
+            enabled.remove("pairs")
         if stages:
             wanted = [ALIASES.get(s, s) for s in stages]
             bad = [s for s in wanted if s not in STEPS]
@@ -114,9 +163,7 @@ class Pipeline:
                                   f"{', '.join(('base',) + STEPS)}")
             self.selected = [s for s in STEPS if s in wanted]
         else:
-            self.selected = [s for s in STEPS if s in enabled or s not in TRAIN_STAGES]
-        if not self.demo.dpo and "dpo" in self.selected and not stages:
-            self.selected.remove("dpo")
+            self.selected = enabled
         self.force: set[str] = set()
         for f in force or []:
             f = ALIASES.get(f, f)
@@ -124,6 +171,91 @@ class Pipeline:
                 raise ConfigError(f"--force: unknown stage '{f}'; choose from {', '.join(('base',) + STEPS)}")
             self.force.update(downstream(f))
         self.results: dict[str, StepResult] = {}
+        self.waiting: Optional[str] = None
+
+    # ---- the recipe's plan -----------------------------------------------------------------------------------
+
+    def _plan(self) -> list[str]:
+        """The recipe's training stages plus its tokenizer/pairs steps, checked before any work: a missing file,
+        an unknown stage or a stage without its required input is one line naming the stage and the key."""
+        train = list(dict.fromkeys(self.recipe.stages))
+        if self.is_demo and self.demo.dpo and "dpo" not in train:
+            train.append("dpo")
+        if "sft" in train and "pretrain" in train and self.stage_config("sft").model.init:
+            train.remove("pretrain")
+            self.notes.append("sft starts from stages.sft.model.init: no tokenizer or pretrain steps")
+        plan = [s for s in TRAIN_STAGES if s in train]
+        if not self.is_demo:
+            self._check_files(plan)
+        steps = list(plan)
+        if "pretrain" in plan:
+            pre = self.stage_config("pretrain")
+            if self.is_demo or not (pre.tokenizer.path or pre.model.init):
+                steps.append("tokenizer")
+        if ("rm" in plan or "dpo" in plan) and (self.is_demo or self.recipe.comparisons.source != "file"):
+            steps.append("pairs")
+        return steps
+
+    def _check_files(self, plan: list[str]) -> None:
+        def need_paths(stage: str, paths: list[str], key: str, what: str) -> None:
+            if not paths:
+                raise ConfigError(f"stage {stage}: {key} is empty; name {what}")
+            for p in paths:
+                if not Path(p).exists():
+                    raise ConfigError(f"stage {stage}: {key}: no such file or folder '{p}'")
+
+        def need_dir(stage: str, path: Optional[str], key: str) -> None:
+            if path and not Path(path).is_dir():
+                raise ConfigError(f"stage {stage}: {key}: no such model directory '{path}'")
+
+        comp = self.recipe.comparisons
+        for stage in plan:
+            cfg = self.stage_config(stage)
+            key = f"stages.{stage}"
+            need_dir(stage, cfg.model.init, f"{key}.model.init")
+            if stage == "pretrain":
+                need_paths(stage, cfg.data.path, f"{key}.data.path", "the pretraining text files")
+            elif stage == "sft":
+                need_paths(stage, cfg.data.path, f"{key}.data.path", "the demonstration files")
+            elif stage in ("rm", "dpo") and comp.source == "file":
+                paths = cfg.data.path or (self.stage_config("rm").data.path if stage == "dpo" else [])
+                need_paths(stage, paths, f"{key}.data.path", "the preference files (recipe.comparisons.source=file)")
+            elif stage in ("ppo", "grpo"):
+                need_paths(stage, cfg.data.path, f"{key}.data.path", "the RL prompt files")
+                if "rm" not in plan and not (cfg.rl.reward_model or cfg.rl.reward_fn):
+                    raise ConfigError(f"stage {stage}: no reward: add rm to recipe.stages, or set "
+                                      f"{key}.rl.reward_model (an RM directory) or {key}.rl.reward_fn")
+                if "rm" in plan and cfg.rl.reward_fn:
+                    raise ConfigError(f"stage {stage}: {key}.rl.reward_fn is set but the recipe trains a reward "
+                                      f"model (rm in recipe.stages); keep one of them")
+                need_dir(stage, None if "rm" in plan else cfg.rl.reward_model, f"{key}.rl.reward_model")
+            if stage != "pretrain" and not cfg.model.init and not self._upstream_model(stage, plan):
+                first = "pretrain" if stage == "sft" else "sft"
+                raise ConfigError(f"stage {stage}: no starting model: add {first} to recipe.stages or set "
+                                  f"{key}.model.init")
+        if ("rm" in plan or "dpo" in plan) and comp.source != "file":
+            if comp.source == "program" and not comp.ranker:
+                raise ConfigError("stage rm: recipe.comparisons.source=program needs recipe.comparisons.ranker "
+                                  "(module:function of prompt, responses -> scores)")
+            if comp.prompts:
+                need_paths("rm", comp.prompts, "recipe.comparisons.prompts", "the prompts whose answers are ranked")
+            elif not self.rl_stage(plan):
+                raise ConfigError("stage rm: recipe.comparisons.prompts is empty and the recipe has no ppo/grpo "
+                                  "prompts to take them from")
+            if comp.samples_per_prompt < 2:
+                raise ConfigError("stage rm: recipe.comparisons.samples_per_prompt must be >= 2 (answers to rank)")
+        for p in self.recipe.eval.prompts:
+            if not Path(p).exists():
+                raise ConfigError(f"stage eval: recipe.eval.prompts: no such file or folder '{p}'")
+
+    def _upstream_model(self, stage: str, plan: list[str]) -> Optional[str]:
+        """The run's own model this stage starts from: sft <- base, the later stages <- sft."""
+        up = "pretrain" if stage == "sft" else "sft" if stage != "pretrain" else None
+        return up if up in plan else None
+
+    def rl_stage(self, plan: Optional[list[str]] = None) -> Optional[str]:
+        plan = self.plan if plan is None else plan
+        return next((s for s in ("ppo", "grpo") if s in plan), None)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -149,90 +281,145 @@ class Pipeline:
         d = self.path(step)
         return (d / "chatforge.json").is_file() and (d / "model.safetensors").is_file()
 
-    def eval_prompts(self) -> list[str]:
-        lines = self.data_file("eval_prompts").read_text().splitlines()
+    def eval_prompts(self) -> list:
+        p = self.data_file("eval_prompts")
+        if not p.is_file():
+            return []
+        lines = p.read_text().splitlines()
         return [json.loads(line)["prompt"] for line in lines if line.strip()]
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
     def step_data(self) -> StepResult:
-        """Generate the demo world into data/ (regenerated only when the demo settings or the judge change)."""
-        from chatforge.demo.judge import JUDGE_VERSION
+        if self.is_demo:
+            from chatforge.demo_steps import demo_data
 
-        d = self.demo
-        spec = {"seed": d.seed, "corpus_mb": d.corpus_mb, "n_sft": d.n_sft, "n_pairs": d.n_pairs,
-                "n_rl_prompts": d.n_rl_prompts, "n_eval_prompts": d.n_eval_prompts, "label_noise": d.label_noise}
-        fp = digest({**spec, "judge": JUDGE_VERSION})  # the variant pairs are labelled by the judge
-        meta = self.data_dir / "world.json"
-        if "data" not in self.force and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp \
-                and all(self.data_file(k).is_file() for k in ("corpus", "sft", "preferences", "rl_prompts", "eval_prompts")):
-            return StepResult("skipped")
-        from chatforge.demo.files import write_world
+            return demo_data(self)
+        return self.step_recipe_data()
 
-        paths = write_world(self.data_dir, **spec)
-        files = {k: {"path": str(p), "sha256": file_digest(p), "bytes": p.stat().st_size} for k, p in paths.items()}
-        atomic_write_json(meta, {"fingerprint": fp, "spec": spec, "files": files})
-        return StepResult("ran", detail={k: v["bytes"] for k, v in files.items()})
+    def step_recipe_data(self) -> StepResult:
+        """The user's files: the RL prompts split into RL training and evaluation prompts (when the recipe
+        evaluates on a held-out share of them), written to data/ with their digests in data/recipe.json."""
+        from chatforge.data.prompts import read_prompts
 
-    def data_digest(self, *names: str) -> dict:
+        ev, rl = self.recipe.eval, self.rl_stage()
+        rl_paths = self.stage_config(rl).data.path if rl else []
+        spec = {"eval_prompts": data_digest(ev.prompts) if ev.prompts else None,
+                "rl_prompts": data_digest(rl_paths) if rl_paths else None, "heldout": ev.heldout_prompts,
+                "max_prompts": ev.max_prompts, "seed": ev.seed}
+        fp = digest(spec)
+        meta = self.data_dir / "recipe.json"
+        if "data" not in self.force and meta.is_file():
+            rec = json.loads(meta.read_text())
+            if rec.get("fingerprint") == fp and all(self.data_file(k).is_file() for k in rec.get("stats", {})):
+                return StepResult("skipped")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+        def as_json(p) -> object:  # one user message -> a string (the demo's and most files' form)
+            m = p.messages
+            return m[0]["content"] if len(m) == 1 and m[0]["role"] == "user" else m
+
+        def write(name: str, prompts: list) -> None:
+            atomic_write_text(self.data_file(name), "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+
+        stats: dict = {}
+        for name in ("rl_prompts", "eval_prompts"):
+            self.data_file(name).unlink(missing_ok=True)
+        if ev.prompts:
+            evp = [as_json(p) for p in read_prompts(ev.prompts)]
+        elif rl_paths:
+            rlp = [as_json(p) for p in read_prompts(rl_paths)]
+            n = min(ev.heldout_prompts, len(rlp) // 2)
+            held = set(random.Random(f"chatforge-eval-split-{ev.seed}").sample(range(len(rlp)), n))
+            evp = [p for i, p in enumerate(rlp) if i in held]
+            write("rl_prompts", [p for i, p in enumerate(rlp) if i not in held])
+            stats["rl_prompts"] = len(rlp) - n
+        else:
+            evp = []
+        if ev.max_prompts:
+            evp = evp[:ev.max_prompts]
+        if evp:
+            write("eval_prompts", evp)
+            stats["eval_prompts"] = len(evp)
+        atomic_write_json(meta, {"fingerprint": fp, "spec": spec, "stats": stats})
+        return StepResult("ran", detail=stats)
+
+    def world_digest(self, *names: str) -> dict:
+        """The digests of demo world files (data/world.json)."""
         meta = json.loads((self.data_dir / "world.json").read_text())
         return {n: meta["files"][n]["sha256"] for n in names}
 
     def step_tokenizer(self) -> StepResult:
-        """Train the BPE tokenizer on the corpus into tokenizer/."""
+        """Train the BPE tokenizer on the pretraining text into tokenizer/."""
         from chatforge.data.pretrain import corpus_files, iter_documents
         from chatforge.tokenizer import train_tokenizer
 
         cfg = self.stage_config("pretrain")
-        fp = digest({"corpus": self.data_digest("corpus"), "vocab_size": cfg.tokenizer.vocab_size})
+        if self.is_demo:
+            paths, corpus = [str(self.data_file("corpus"))], self.world_digest("corpus")
+        else:
+            paths = cfg.data.path
+            corpus = {"corpus": data_digest(paths)}
+        fp = digest({"corpus": corpus, "vocab_size": cfg.tokenizer.vocab_size})
         d = self.path("tokenizer")
         rec = d / PIPELINE_FILE
         if "tokenizer" not in self.force and rec.is_file() and json.loads(rec.read_text()).get("fingerprint") == fp \
                 and (d / "tokenizer.json").is_file():
             return StepResult("skipped")
         shutil.rmtree(d, ignore_errors=True)
-        tok = train_tokenizer(iter_documents(corpus_files([str(self.data_file("corpus"))])), cfg.tokenizer.vocab_size)
+        tok = train_tokenizer(iter_documents(corpus_files(paths)), cfg.tokenizer.vocab_size)
         tok.save(d, model_max_length=cfg.model.block_size)
         atomic_write_json(rec, {"fingerprint": fp, "vocab_size": tok.vocab_size, "tokenizer_sha256": file_digest(d / "tokenizer.json")})
         return StepResult("ran", detail={"vocab_size": tok.vocab_size})
 
+    def need(self, stage: str, up: str, inputs: dict) -> str:
+        """The path of a finished upstream model of the run, its digest added to ``inputs``."""
+        if not self.finished(up):
+            raise ConfigError(f"stage {stage} needs a finished {DIRS[up]}/ in {self.root}; run "
+                              f"--stages {up} first (or without --stages)")
+        inputs[f"model_{DIRS[up]}"] = model_digest(self.path(up))
+        return str(self.path(up))
+
     def wire(self, stage: str) -> tuple[Config, dict]:
         """The stage's config with its inputs wired to the run directory, and the digests of those inputs."""
+        if self.is_demo:
+            from chatforge.demo_steps import demo_wire
+
+            return demo_wire(self, stage)
+        return self.wire_files(stage)
+
+    def wire_files(self, stage: str) -> tuple[Config, dict]:
         cfg = self.stage_config(stage)
         inputs: dict = {}
-        pairs = self.root / "pairs"
-
-        def need(up: str) -> str:
-            if not self.finished(up):
-                raise ConfigError(f"stage {stage} needs a finished {DIRS[up]}/ in {self.root}; run "
-                                  f"--stages {up} first (or without --stages)")
-            inputs[f"model_{DIRS[up]}"] = model_digest(self.path(up))
-            return str(self.path(up))
-
-        if stage == "pretrain":
-            cfg.data.path = [str(self.data_file("corpus"))]
+        up = self._upstream_model(stage, self.plan)
+        if up:
+            cfg.model.init = self.need(stage, up, inputs)
+            cfg.tokenizer.path = None
+        elif cfg.model.init:
+            inputs["model_init"] = path_digest(cfg.model.init)
+        if stage == "pretrain" and "tokenizer" in self.plan:
             cfg.tokenizer.path = str(self.path("tokenizer"))
-            inputs.update(self.data_digest("corpus"))
             inputs["tokenizer"] = file_digest(self.path("tokenizer") / "tokenizer.json")
-        elif stage == "sft":
-            cfg.model.init = need("pretrain")
-            cfg.tokenizer.path = None
-            cfg.data.path = [str(self.data_file("sft"))]
-            inputs.update(self.data_digest("sft"))
-        elif stage in ("rm", "dpo"):
-            cfg.model.init = need("sft")
-            cfg.tokenizer.path = None
-            cfg.data.path = [str(pairs / "train.jsonl")]
-            if stage == "rm":
-                cfg.data.val_path = [str(pairs / "heldout.jsonl")]
-            inputs["pairs"] = file_digest(pairs / "train.jsonl")
-            inputs["heldout"] = file_digest(pairs / "heldout.jsonl")
-        elif stage == "ppo":
-            cfg.model.init = need("sft")
-            cfg.rl.reward_model = need("rm")
-            cfg.tokenizer.path = None
-            cfg.data.path = [str(self.data_file("rl_prompts"))]
-            inputs.update(self.data_digest("rl_prompts"))
+        if stage in ("rm", "dpo"):
+            if "pairs" in self.plan:
+                pairs = self.root / "pairs" / "train.jsonl"
+                if not pairs.is_file():
+                    raise ConfigError(f"stage {stage} needs the comparisons in {pairs}; run --stages pairs first "
+                                      "(or without --stages)")
+                cfg.data.path = [str(pairs)]
+            elif stage == "dpo" and not cfg.data.path:
+                cfg.data.path = list(self.stage_config("rm").data.path)
+        if stage in ("ppo", "grpo"):
+            if "rm" in self.plan:
+                cfg.rl.reward_model = self.need(stage, "rm", inputs)
+            elif cfg.rl.reward_model:
+                inputs["reward_model"] = path_digest(cfg.rl.reward_model)
+            if self.data_file("rl_prompts").is_file():  # the RL prompts less the held-out evaluation prompts
+                cfg.data.path = [str(self.data_file("rl_prompts"))]
+        if cfg.data.path:
+            inputs["data"] = data_digest(cfg.data.path)
+        if cfg.data.val_path:
+            inputs["val_data"] = data_digest(cfg.data.val_path)
         return cfg, inputs
 
     def step_train(self, stage: str) -> StepResult:
@@ -263,119 +450,39 @@ class Pipeline:
         return StepResult("resumed" if resuming else "ran", detail={"fingerprint": fp, "metrics": metrics})
 
     def step_pairs(self) -> StepResult:
-        """RM preference pairs: responses sampled from the SFT model, labelled by the gold judge.
+        """The reward model's comparisons: the demo's judge-labelled pairs, or SFT answers ranked by a program
+        or by people (chatforge/comparisons.py)."""
+        if self.is_demo:
+            from chatforge.demo_steps import demo_pairs
 
-        train.jsonl: every two of ``demo.samples_per_pair_prompt`` samples per training-bucket prompt, label
-        noise ``demo.label_noise``, ties dropped, plus the controlled variant pairs of data/preferences.jsonl.
-        heldout.jsonl: the same construction on the held-out evaluation prompts, with noise-free gold labels
-        (at most ``demo.n_heldout_pairs``, in random order).
-        """
-        from chatforge.demo.judge import JUDGE_VERSION, difference_kind, gold_score
-        from chatforge.demo.preferences import label_pairs
-        from chatforge.demo.tasks import rl_prompts
-        from chatforge.evaluate import generate
-        from chatforge.model.load import load_causal_lm
+            return demo_pairs(self)
+        from chatforge.comparisons import build_comparisons
 
-        d, dm = self.root / "pairs", self.demo
-        if not self.finished("sft"):
-            raise ConfigError(f"the preference pairs need a finished sft/ in {self.root}; run --stages sft first "
-                              "(or without --stages)")
-        spec = {"sft": model_digest(self.path("sft")), **self.data_digest("preferences", "eval_prompts"),
-                "n_sampled": dm.n_sampled_pair_prompts, "k": dm.samples_per_pair_prompt, "n_heldout": dm.n_heldout_pairs, "noise": dm.label_noise,
-                "seed": dm.seed, "max_new_tokens": dm.eval_max_new_tokens, "judge": JUDGE_VERSION}
-        fp = digest(spec)
-        rec = d / PIPELINE_FILE
-        if "pairs" not in self.force and rec.is_file() and json.loads(rec.read_text()).get("fingerprint") == fp:
-            return StepResult("skipped")
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-        model, _, tok = load_causal_lm(self.path("sft"), self.device)
+        return build_comparisons(self)
 
-        def sample_k(prompts: list[str], seed: int, k: int = 2) -> list[list[str]]:
-            ans = generate(model, tok, [p for p in prompts for _ in range(k)], max_new_tokens=dm.eval_max_new_tokens,
-                           temperature=1.0, seed=seed, batch_size=dm.eval_batch_size)
-            return [ans.texts[i * k:(i + 1) * k] for i in range(len(prompts))]
-
-        rng = random.Random(f"chatforge-pipeline-pairs-{dm.seed}")
-        train, stats = [], {"sampled_ties": 0, "sampled_empty": 0}
-        prompts = rl_prompts(dm.seed + 7919, dm.n_sampled_pair_prompts) if dm.n_sampled_pair_prompts else []
-        k = dm.samples_per_pair_prompt
-        for p, answers in zip(prompts, sample_k(prompts, dm.seed + 1, k=k)):
-            for a, b in itertools.combinations(answers, 2):  # every two of the k answers make a pair
-                if not a.strip() or not b.strip():
-                    stats["sampled_empty"] += 1
-                    continue
-                lab = label_pairs(p, a, b, rng, dm.label_noise)
-                if lab is None:
-                    stats["sampled_ties"] += 1
-                    continue
-                train.append({"prompt": p, "chosen": lab[0], "rejected": lab[1], "source": "sft_sample"})
-        stats["sampled_pairs"] = len(train)
-        variants = [json.loads(line) for line in self.data_file("preferences").read_text().splitlines() if line.strip()]
-        train += [{**v, "source": "variant"} for v in variants]
-        stats["variant_pairs"] = len(variants)
-        rng.shuffle(train)
-
-        heldout = []  # built as the training pairs are (every two of k answers), labelled without noise
-        eval_p = self.eval_prompts()
-        for p, answers in zip(eval_p, sample_k(eval_p, dm.seed + 2, k=k)):
-            for a, b in itertools.combinations(answers, 2):
-                if not a.strip() or not b.strip():
-                    continue
-                sa, sb = gold_score(p, a), gold_score(p, b)
-                if abs(sa - sb) < 1e-9:
-                    continue
-                c, r = (a, b) if sa > sb else (b, a)
-                heldout.append({"prompt": p, "chosen": c, "rejected": r, "gold_gap": abs(sa - sb),
-                                "kind": difference_kind(p, c, r)})
-        random.Random(f"chatforge-heldout-pairs-{dm.seed}").shuffle(heldout)
-        heldout = heldout[:dm.n_heldout_pairs]  # a random subset when capped
-        stats["heldout_pairs"] = len(heldout)
-        if not train or not heldout:
-            raise ChatforgeError(f"{d}: the SFT model produced no usable preference pairs ({stats}); "
-                                 "train SFT longer or raise demo.n_sampled_pair_prompts")
-        for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
-            atomic_write_text(d / name, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_json(rec, {"fingerprint": fp, "spec": spec, "stats": stats})
-        return StepResult("ran", detail=stats)
+    def sampling_model(self) -> str:
+        """The SFT model whose answers are ranked: the run's sft/, else the rm (or dpo) stage's model.init."""
+        if "sft" in self.plan:
+            if not self.finished("sft"):
+                raise ConfigError(f"the comparisons need a finished sft/ in {self.root}; run --stages sft first "
+                                  "(or without --stages)")
+            return str(self.path("sft"))
+        for stage in ("rm", "dpo"):
+            if stage in self.plan and self.stage_config(stage).model.init:
+                return self.stage_config(stage).model.init
+        raise ConfigError("stage rm: no SFT model to sample the answers to rank: add sft to recipe.stages or "
+                          "set stages.rm.model.init")
 
     def step_eval(self) -> StepResult:
-        """Gold scores of every finished policy, PPO/DPO-over-SFT win rates, RM held-out accuracy, and the
-        gold-vs-RM-over-KL monitor along PPO."""
-        from chatforge.evaluate import gold_eval_dir, pairwise_eval, ppo_monitor, rm_eval_dir
+        """The demo: gold-judge scores; any other recipe: reward-model (and judge) scores, lengths, endings, KL
+        to the SFT model and win rates over it (chatforge/recipe_eval.py)."""
+        if self.is_demo:
+            from chatforge.demo_steps import demo_eval
 
-        dm, prompts, out = self.demo, self.eval_prompts(), {}
-        force = "eval" in self.force
-        for stage in ("pretrain", "sft", "ppo", "dpo"):
-            if self.finished(stage):
-                t0 = time.time()
-                r = gold_eval_dir(self.path(stage), prompts, max_new_tokens=dm.eval_max_new_tokens, seed=dm.seed,
-                                  batch_size=dm.eval_batch_size, device=self.device, force=force)
-                out[DIRS[stage]] = {k: r[k] for k in ("gold_score", "gold_score_se", "gold_score_greedy", "gold_score_greedy_se")}
-                self.log(f"   {DIRS[stage]:>4}: gold {r['gold_score']:.3f} ± {r['gold_score_se']:.3f} (sampled), "
-                         f"{r['gold_score_greedy']:.3f} ± {r['gold_score_greedy_se']:.3f} (greedy)  [{time.time() - t0:.0f}s]")
-        for stage in ("ppo", "dpo"):
-            if self.finished(stage) and self.finished("sft"):
-                wr = pairwise_eval(self.path(stage), self.path("sft"))
-                s = wr["sampled"]
-                out[f"{DIRS[stage]}_win_rate_vs_sft"] = s["win_rate"]
-                self.log(f"   {DIRS[stage]} over sft: win rate {s['win_rate']:.3f} "
-                         f"[{s['win_rate_lo']:.3f}, {s['win_rate_hi']:.3f}] (sampled, ties half)")
-        heldout = self.root / "pairs" / "heldout.jsonl"
-        if self.finished("rm") and heldout.is_file():
-            info = read_run_info(self.path("rm"))
-            fp = digest([model_digest(self.path("rm")), file_digest(heldout)])
-            if force or info.get("heldout_eval", {}).get("fingerprint") != fp:
-                pairs = [json.loads(line) for line in heldout.read_text().splitlines() if line.strip()]
-                r = rm_eval_dir(self.path("rm"), pairs, device=self.device)
-                r["fingerprint"] = fp
-                update_run_info(self.path("rm"), heldout_eval=r)
-            acc = read_run_info(self.path("rm"))["accuracy"]
-            out["rm_accuracy"] = acc
-            self.log(f"   rm: held-out accuracy {acc:.3f} vs noise-free gold labels")
-        if self.finished("ppo"):
-            ppo_monitor(self.path("ppo"), self.path("sft") if self.finished("sft") else None)
-        return StepResult("ran", detail=out)
+            return demo_eval(self)
+        from chatforge.recipe_eval import evaluate_run
+
+        return StepResult("ran", detail=evaluate_run(self))
 
     def step_report(self) -> StepResult:
         from chatforge.report import build_report
@@ -388,34 +495,43 @@ class Pipeline:
     def needed_steps(self) -> list[str]:
         """The selected steps plus the cheap prerequisites they need (data, tokenizer, pairs)."""
         need = set(self.selected)
-        if need & {"tokenizer", "pretrain", "sft", "pairs", "rm", "ppo", "dpo", "eval"}:
-            need |= {"data", "tokenizer"}
-        if need & {"rm", "dpo"}:
+        if need - {"report"}:
+            need.add("data")
+        if need & {"tokenizer", "pretrain", "sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval"} and "tokenizer" in self.plan:
+            need.add("tokenizer")
+        if need & {"rm", "dpo"} and "pairs" in self.plan:
             need.add("pairs")
         return [s for s in STEPS if s in need]
 
     def run(self) -> dict[str, StepResult]:
+        """Run the needed steps in order; stops early (status "waiting", ``self.waiting`` holds the message)
+        when the recipe waits for people's rankings."""
         self.root.mkdir(parents=True, exist_ok=True)
         threads = self.stage_config("pretrain").train.threads
         if threads:
             import torch
 
             torch.set_num_threads(threads)
+        for note in self.notes:
+            self.log(f"note: {note}")
         t_all = time.time()
         for step in self.needed_steps():
-            if step == "dpo" and not self.demo.dpo and "dpo" not in self.selected:
-                continue
             self.log(f"== {step}")
             t0 = time.time()
-            fn: Callable[[], StepResult]
-            if step in TRAIN_STAGES:
-                res = self.step_train(step)
-            else:
-                res = getattr(self, f"step_{step}")()
+            try:
+                if step in TRAIN_STAGES:
+                    res = self.step_train(step)
+                else:
+                    res = getattr(self, f"step_{step}")()
+            except WaitingForLabels as e:
+                self.waiting = str(e)
+                res = StepResult("waiting", detail={"message": str(e)})
             res.wall_s = time.time() - t0
             self.results[step] = res
             self.log(f"   {step}: {res.status} ({res.wall_s:.1f}s)")
             self._write_status(time.time() - t_all)
+            if self.waiting:
+                break
         return self.results
 
     def _write_status(self, total: float) -> None:
@@ -430,7 +546,8 @@ class Pipeline:
             else:
                 prev[k] = {**prev[k], "last_status": "skipped"}
         atomic_write_json(p, {"config": self.config_path, "overrides": self.shared,
-                              "stage_overrides": self.per_stage, "steps": prev, "last_call_s": round(total, 2)})
+                              "stage_overrides": self.per_stage, "recipe": to_dict(self.pcfg.recipe),
+                              "plan": self.plan, "steps": prev, "last_call_s": round(total, 2)})
 
 
 def run_pipeline(config: Optional[str | Path], out: str | Path, overrides: Optional[list[str]] = None,

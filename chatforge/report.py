@@ -4,6 +4,11 @@
     summary_rows(run_dir) -> list[dict]    one row per stage: steps, wall time, final loss, key metrics
     summary_markdown(run_dir) -> str       those rows as a markdown table (printed by `chatforge pipeline`)
 
+A run directory is a pipeline run (pipeline.json, stage folders base/ sft/ rm/ ppo/ ...) or a folder of stage
+directories run by hand (any sub-folders holding a stage's chatforge.json or metrics.jsonl); anything else is a
+:class:`ReportError`. The demo's card reports its gold judge; any other recipe's card reports what measured it,
+the reward model or the recipe's judge function (chatforge/recipe_eval.py), and nothing about gold labels.
+
 Everything here only reads what the stages and the evaluation wrote, so `chatforge report RUN_DIR` rebuilds
 the card at any time (also from a run that is partly finished).
 """
@@ -15,10 +20,16 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from chatforge.checkpoint import atomic_write_text
 from chatforge.metrics import read_metrics, series
 
 STAGE_DIRS = [("pretrain", "base"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("dpo", "dpo"), ("grpo", "grpo")]
+STAGE_ORDER = [s for s, _ in STAGE_DIRS]
 N_SIDE_BY_SIDE = 8
+
+
+class ReportError(ValueError):
+    """The folder is not something a report card can be built from."""
 
 
 def _info(d: Path) -> dict:
@@ -41,9 +52,64 @@ def _pm(m, se) -> str:
     return "–" if m is None else f"{m:.3f} ± {se:.3f}" if se is not None else f"{m:.3f}"
 
 
+def _stage_of(d: Path) -> Optional[str]:
+    """The stage a folder holds (its chatforge.json's "stage", else its pipeline name), or None."""
+    st = _info(d).get("stage")
+    if st in STAGE_ORDER:
+        return st
+    by_dir = {dd: s for s, dd in STAGE_DIRS}
+    if d.name in by_dir and ((d / "chatforge.json").is_file() or (d / "metrics.jsonl").is_file()):
+        return by_dir[d.name]
+    return None
+
+
 def _stages(root: Path) -> list[tuple[str, Path]]:
-    return [(s, root / d) for s, d in STAGE_DIRS if (root / d / "chatforge.json").is_file()
-            or (root / d / "metrics.jsonl").is_file()]
+    """(stage, folder) of every stage directory in ``root``: the pipeline's names first, in stage order, then
+    other sub-folders holding a stage run (hand-run stage directories keep their names)."""
+    found = [(s, root / d) for s, d in STAGE_DIRS if _stage_of(root / d)]
+    known = {d for _, d in found}
+    if root.is_dir():
+        extra = [(_stage_of(d), d) for d in sorted(root.iterdir()) if d.is_dir() and d not in known]
+        found += sorted([(s, d) for s, d in extra if s], key=lambda x: STAGE_ORDER.index(x[0]))
+    return found
+
+
+def _dir_of(root: Path, stage: str) -> Path:
+    """The folder of ``stage`` (the pipeline's name when present, else the first hand-run folder of it)."""
+    return next((d for s, d in _stages(root) if s == stage), root / dict(STAGE_DIRS)[stage])
+
+
+def run_kind(root: str | Path) -> str:
+    """'pipeline' (pipeline.json), 'stages' (a folder of stage directories), else a ReportError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run directory {root} does not exist")
+    if (root / "pipeline.json").is_file():
+        return "pipeline"
+    if _stages(root):
+        return "stages"
+    raise ReportError(f"{root} is neither a pipeline run (no pipeline.json) nor a folder of stage directories "
+                      f"(no sub-folder holds a stage's chatforge.json or metrics.jsonl); point at the run's root")
+
+
+def is_demo(root: Path) -> bool:
+    """A run of the built-in demo world (its gold judge measured it)."""
+    p = root / "pipeline.json"
+    try:
+        recipe = json.loads(p.read_text()).get("recipe") if p.is_file() else None
+    except json.JSONDecodeError:
+        recipe = None
+    if isinstance(recipe, dict) and "data" in recipe:
+        return recipe["data"] == "demo"
+    return (root / "data" / "world.json").is_file() or any("gold_score" in _info(d) for _, d in _stages(root))
+
+
+def recipe_eval(root: Path) -> dict:
+    p = root / "eval" / "results.json"
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def _pipeline_steps(root: Path) -> dict:
@@ -71,6 +137,7 @@ def summary_rows(root: str | Path) -> list[dict]:
     """One row per stage found in the run directory (plus the pipeline's data/tokenizer/pairs/eval steps)."""
     root = Path(root)
     steps = _pipeline_steps(root)
+    demo = is_demo(root)
     rows = []
     for name in ("data", "tokenizer"):
         if name in steps:
@@ -83,8 +150,10 @@ def summary_rows(root: str | Path) -> list[dict]:
         if "gold_score" in info:
             row["gold"] = (info["gold_score"], info.get("gold_score_se"))
             row["gold_greedy"] = (info.get("gold_score_greedy"), info.get("gold_score_greedy_se"))
-        if stage == "rm" and "accuracy" in info:
+        if stage == "rm" and demo and "accuracy" in info:  # the demo's held-out pairs carry gold labels
             row["rm_accuracy"] = (info["accuracy"], info.get("accuracy_se"))
+        elif stage == "rm" and isinstance(m.get("eval_val_accuracy"), (int, float)):
+            row["rm_val_accuracy"] = float(m["eval_val_accuracy"])  # the rm stage's own held-out comparisons
         wr = info.get("win_rate_vs_sft", {}).get("sampled")
         if wr:
             row["win_rate"] = wr
@@ -100,10 +169,15 @@ def summary_rows(root: str | Path) -> list[dict]:
 
 
 def summary_markdown(root: str | Path) -> str:
-    """The per-stage summary table (markdown), with the total wall time."""
+    """The per-stage summary table (markdown), with the total wall time (gold columns for the demo only)."""
+    root = Path(root)
     rows = summary_rows(root)
-    head = ("| stage | steps | wall time | final train loss | held-out | gold score (sampled, T=1) | "
-            "gold score (greedy) |\n|---|---:|---:|---:|---|---|---|")
+    demo = is_demo(root)
+    if demo:
+        head = ("| stage | steps | wall time | final train loss | held-out | gold score (sampled, T=1) | "
+                "gold score (greedy) |\n|---|---:|---:|---:|---|---|---|")
+    else:
+        head = "| stage | steps | wall time | final train loss | held-out |\n|---|---:|---:|---:|---|"
     lines = [head]
     total = 0.0
     for r in rows:
@@ -118,13 +192,62 @@ def summary_markdown(root: str | Path) -> str:
         if "win_rate" in r:
             wr = r["win_rate"]
             held.append(f"win rate vs SFT {wr['win_rate']:.3f} [{wr['win_rate_lo']:.3f}, {wr['win_rate_hi']:.3f}]")
+        if "rm_val_accuracy" in r:
+            held.append(f"accuracy {r['rm_val_accuracy']:.3f} on held-out comparisons")
         if r.get("kl") is not None:
             held.append(f"KL {r['kl']:.2f}")
         g, gg = r.get("gold"), r.get("gold_greedy")
-        lines.append(f"| {r['stage']} | {_fmt(r.get('steps'))} | {_fmt(w, 0) + ' s' if w is not None else '–'} | "
-                     f"{_fmt(r.get('train_loss'))} | {'; '.join(held) or '–'} | "
-                     f"{_pm(*g) if g else '–'} | {_pm(*gg) if gg and gg[0] is not None else '–'} |")
-    lines.append(f"| **total** | | **{total:.0f} s** | | | | |")
+        line = (f"| {r['stage']} | {_fmt(r.get('steps'))} | {_fmt(w, 0) + ' s' if w is not None else '–'} | "
+                f"{_fmt(r.get('train_loss'))} | {'; '.join(held) or '–'} |")
+        if demo:
+            line += f" {_pm(*g) if g else '–'} | {_pm(*gg) if gg and gg[0] is not None else '–'} |"
+        lines.append(line)
+    lines.append(f"| **total** | | **{total:.0f} s** | | |" + (" | |" if demo else ""))
+    text = "\n".join(lines)
+    ev = recipe_eval(root)
+    if not demo and ev.get("models"):
+        text += "\n\n" + eval_markdown(ev)
+    return text
+
+
+def _wr(w: Optional[dict]) -> str:
+    return "–" if not w else f"{w['win_rate']:.3f} [{w['win_rate_lo']:.3f}, {w['win_rate_hi']:.3f}]"
+
+
+def eval_markdown(ev: dict) -> str:
+    """The evaluation of a (non-demo) recipe: one row per model, each figure named by what measured it."""
+    rm, judge = ev.get("reward_model"), ev.get("judge")
+    cols = ["model"]
+    if rm:
+        cols.append("reward-model score (normalised)")
+    if judge:
+        cols.append("judge score")
+    cols += ["length (tokens)", "ends properly", "KL to SFT (nats/answer)"]
+    if rm:
+        cols.append("win rate vs SFT (reward model)")
+    if judge:
+        cols.append("win rate vs SFT (judge)")
+    lines = ["| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
+    for name, r in ev["models"].items():
+        cells = [name]
+        if rm:
+            cells.append(_pm(r.get("rm_score"), r.get("rm_score_se")))
+        if judge:
+            cells.append(_pm(r.get("judge_score"), r.get("judge_score_se")))
+        cells += [_pm(r.get("length"), r.get("length_se")), _fmt(r.get("ends")), _pm(r.get("kl_to_sft"), r.get("kl_to_sft_se"))]
+        if rm:
+            cells.append(_wr(r.get("win_rate_vs_sft_rm")))
+        if judge:
+            cells.append(_wr(r.get("win_rate_vs_sft_judge")))
+        lines.append("| " + " | ".join(cells) + " |")
+    what = []
+    if rm:
+        what.append(f"the reward model `{rm}`")
+    if judge:
+        what.append(f"the judge `{judge}`")
+    lines.append(f"\n{ev['n_prompts']} evaluation prompts, one answer each sampled at temperature 1 (mean ± standard "
+                 f"error); scored by {' and '.join(what) or 'no reward model or judge'}; win rates prompt by prompt "
+                 f"against the SFT model's answer (ties count half, 95% interval).")
     return "\n".join(lines)
 
 
@@ -165,13 +288,15 @@ def plot_losses(root: Path, out: Path) -> Optional[Path]:
 
 
 def plot_rm(root: Path, out: Path) -> Optional[Path]:
-    d = root / "rm"
+    d = _dir_of(root, "rm")
     rows, info = read_metrics(d), _info(d)
     if not rows and not info:
         return None
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key, kind, label in (("accuracy", "train", "train (noisy labels)"), ("val_accuracy", "eval", "held-out (gold labels)")):
+    names = (("train (noisy labels)", "held-out (gold labels)") if is_demo(root) else
+             ("train", "held-out comparisons"))
+    for key, kind, label in (("accuracy", "train", names[0]), ("val_accuracy", "eval", names[1])):
         xs, ys = series(rows, key, kind)
         if xs:
             a1.plot(xs, ys, label=label, marker="o" if kind == "eval" else None, ms=3)
@@ -194,7 +319,7 @@ def plot_rm(root: Path, out: Path) -> Optional[Path]:
 
 
 def plot_ppo(root: Path, out: Path) -> Optional[Path]:
-    d = root / "ppo"
+    d = _dir_of(root, "ppo")
     rows = read_metrics(d)
     if not rows:
         return None
@@ -259,6 +384,24 @@ def plot_gold(root: Path, out: Path) -> Optional[Path]:
     return _save(plt, fig, out / "gold_scores.png")
 
 
+def plot_recipe_eval(root: Path, out: Path) -> Optional[Path]:
+    """Reward-model (and judge) scores by model, ± 2 standard errors (non-demo recipes)."""
+    ev = recipe_eval(root)
+    models = ev.get("models", {})
+    keys = [(k, label) for k, label in (("rm_score", "reward model (normalised)"), ("judge_score", "judge"))
+            if any(k in r for r in models.values())]
+    if not keys:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, (k, label) in zip(axes[0], keys):
+        names = [n for n, r in models.items() if k in r]
+        ax.bar(names, [models[n][k] for n in names], yerr=[2 * models[n][k + "_se"] for n in names], capsize=3)
+        ax.set_title(f"{label} score by model")
+        ax.set_ylabel("mean score (± 2 SE)")
+    return _save(plt, fig, out / "eval_scores.png")
+
+
 # ----------------------------------------------------------------------------------------------------- report
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ").strip() or "*(empty)*"
@@ -307,9 +450,12 @@ def _acceptance(root: Path) -> list[str]:
         he = rm.get("heldout_eval", {})
         se = f" ± {rm['accuracy_se']:.3f}" if "accuracy_se" in rm else ""
         prompts = f" from {he['n_prompts']} prompts" if "n_prompts" in he else ""
+        noise = rm.get("config", {}).get("demo", {}).get("label_noise", "?")  # runs made before the recipe section
+        world = root / "data" / "world.json"
+        if world.is_file():
+            noise = json.loads(world.read_text()).get("spec", {}).get("label_noise", noise)
         lines.append(f"- RM held-out accuracy vs noise-free gold: {rm['accuracy']:.3f}{se} on {he.get('n_pairs', '?')} "
-                     f"pairs{prompts} (trained with label noise "
-                     f"{rm.get('config', {}).get('demo', {}).get('label_noise', '?')})")
+                     f"pairs{prompts} (trained with label noise {noise})")
         kinds = he.get("accuracy_by_kind", {})
         if len(kinds) > 1:
             lines.append("- RM held-out accuracy by what tells the pair apart: " + "; ".join(
@@ -317,11 +463,58 @@ def _acceptance(root: Path) -> list[str]:
     return lines
 
 
+def recipe_side_by_side(ev: dict) -> str:
+    """The evaluation's first prompts answered by every model (sampled, T=1), reward-model score in brackets."""
+    rows = ev.get("side_by_side", [])
+    if not rows:
+        return "*(no evaluation answers yet)*"
+    names = [n for n in ev.get("models", {}) if n in rows[0]]
+    by = "rm" if ev.get("reward_model") else "judge" if ev.get("judge") else None
+    what = {"rm": "reward-model score", "judge": "judge score"}.get(by, "")
+    out = [f"\nsampled at temperature 1{'; ' + what + ' in brackets' if what else ''}\n",
+           "| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for r in rows:
+        p = r["prompt"] if isinstance(r["prompt"], str) else " / ".join(m["content"] for m in r["prompt"])
+        cells = [_cell(p)] + [_cell(r[n]["response"]) + (f" [{r[n][by]:.2f}]" if by in r[n] else "") for n in names]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def build_recipe_report(root: Path, kind: str) -> Path:
+    """The card of any recipe but the demo (or of a folder of hand-run stages): no gold judge, no label noise."""
+    plots = root / "plots"
+    plots.mkdir(exist_ok=True)
+    made = {name: fn(root, plots) for name, fn in (("losses", plot_losses), ("rm", plot_rm), ("ppo", plot_ppo),
+                                                    ("eval", plot_recipe_eval))}
+    what = "pipeline run" if kind == "pipeline" else "folder of stage directories"
+    md = [f"# chatforge report card: `{root}`\n", f"A {what}: " + ", ".join(f"{s} ({d.name}/)" for s, d in _stages(root))
+          + ".\n", "## Summary\n", summary_markdown(root), ""]
+    ev = recipe_eval(root)
+    captions = {"losses": "Loss curves of every stage",
+                "rm": "Reward model: accuracy during training and on its held-out comparisons, and calibration",
+                "ppo": "PPO: reward-model reward, KL to the SFT policy, response length and entropy",
+                "eval": "Evaluation scores by model (± 2 standard errors)"}
+    md.append("## Plots\n")
+    for name, path in made.items():
+        if path is not None:
+            md += [f"### {captions[name]}\n", f"![{name}](plots/{path.name})\n"]
+    if ev.get("models"):
+        md += ["## Side by side on the evaluation prompts\n", recipe_side_by_side(ev), ""]
+    else:
+        md += ["## Evaluation\n", "*(no evaluation samples yet: `chatforge pipeline` evaluates a recipe's models "
+               "on its evaluation prompts)*", ""]
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(md) + "\n")
+    return path
+
+
 def build_report(root: str | Path) -> Path:
-    """Write <root>/report.md and <root>/plots/*.png; returns the report's path."""
+    """Write <root>/report.md and <root>/plots/*.png; returns the report's path. Raises ReportError when the
+    folder is neither a pipeline run nor a folder of stage directories."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"run directory {root} does not exist")
+    kind = run_kind(root)
+    if not is_demo(root):
+        return build_recipe_report(root, kind)
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
     made = {name: fn(root, plots) for name, fn in (("losses", plot_losses), ("gold", plot_gold), ("rm", plot_rm),

@@ -21,7 +21,7 @@ TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
 
 # micro model (configs/micro.yaml) + a tiny demo world + a few steps per stage
 MICRO = [
-    "demo.corpus_mb=0.1", "demo.n_sft=120", "demo.n_pairs=40", "demo.n_rl_prompts=32", "demo.n_eval_prompts=8",
+    "recipe.data=demo", "demo.corpus_mb=0.1", "demo.n_sft=120", "demo.n_pairs=40", "demo.n_rl_prompts=32", "demo.n_eval_prompts=8",
     "demo.n_sampled_pair_prompts=24", "demo.n_heldout_pairs=8", "demo.eval_max_new_tokens=8",
     "demo.eval_batch_size=16", "tokenizer.vocab_size=320", "train.max_steps=4", "train.eval_every=0",
     "train.ckpt_every=0", "train.log_every=1", "train.eval_batches=1", "sft.n_eval_prompts=0",
@@ -171,7 +171,7 @@ def test_force_reruns_stage_and_invalidates_downstream(copy_run):
     assert status["sft"] == "skipped" and status["rm"] == "ran" and status["ppo"] == "ran"
     after = mtimes(copy_run)
     assert after["sft"] == before["sft"] and after["ppo"] != before["ppo"]
-    assert downstream("sft") == ["sft", "pairs", "rm", "ppo", "dpo", "eval", "report"]
+    assert downstream("sft") == ["sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval", "report"]
 
 
 def test_stages_picks_a_subset_and_checks_upstream(tmp_path):
@@ -198,9 +198,10 @@ def test_stage_overrides_apply_to_one_stage():
 def test_tiny_yaml_resolves_for_every_stage():
     p = Pipeline(TINY_YAML, "/nonexistent", verbose=False)
     assert p.selected == ["data", "tokenizer", "pretrain", "sft", "pairs", "rm", "ppo", "eval", "report"]
+    assert p.is_demo and p.demo.label_noise == 0.1 and p.demo.n_eval_prompts >= 200
     for stage in DIRS:
         cfg = p.stage_config(stage)
-        assert cfg.stage == stage and cfg.demo.label_noise == 0.1 and cfg.demo.n_eval_prompts >= 200
+        assert cfg.stage == stage and not hasattr(cfg, "demo")  # the demo's settings are the pipeline's
 
 
 @pytest.mark.slow

@@ -1,4 +1,7 @@
-"""``chatforge report RUN_DIR``: rebuild a run's report card (report.md + plots/*.png) from its logs."""
+"""``chatforge report RUN_DIR``: rebuild a run's report card (report.md + plots/*.png) from its logs.
+
+RUN_DIR is a pipeline run or a folder of stage directories run by hand; anything else is an error saying so.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a pipeline run directory (holding base/ sft/ rm/ ppo/ ...)")
+    p.add_argument("run_dir", help="a pipeline run directory (base/ sft/ rm/ ppo/ ...) or a folder of stage "
+                   "directories run by hand")
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
