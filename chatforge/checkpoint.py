@@ -59,6 +59,13 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         raise
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device): the one seed helper of every stage and test."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """The RNG states of Python, NumPy, torch (CPU) and CUDA of this process."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

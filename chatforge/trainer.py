@@ -2,19 +2,23 @@
 
 A stage hands the :class:`Trainer` its trainable models and a *step function*; the trainer
 owns everything around it: optimizers (AdamW, one per model), the warmup + cosine learning
-rate, autocast, DDP/FSDP wrapping, gradient clipping, evaluation, logging to
-``metrics.jsonl``, the progress bar, and atomic checkpoints with exact resume (also on
-SIGINT/SIGTERM). A step function does one optimizer step's work::
+rate, autocast, DDP/FSDP wrapping, the global normalisation of the loss, gradient clipping,
+evaluation, logging to ``metrics.jsonl``, the progress bar, and atomic checkpoints with exact
+resume (also on SIGINT/SIGTERM). A step function does one optimizer step's work::
+
+    def micro_step(batch) -> tuple[Tensor, count, dict]:
+        loss_sum = ...                     # the loss SUMMED over this micro-batch's tokens / pairs / sequences
+        return loss_sum, n_units, {"correct": ...}   # statistics summed the same way
 
     def step_fn(step: int) -> dict:
-        for i, batch in enumerate(micro_batches):
-            with trainer.micro(last=i == len(micro_batches) - 1):
-                loss = ...
-            trainer.backward(loss)
-        stats = trainer.optimizer_step()
-        return {"loss": ..., "tokens": ..., **stats}
+        res = trainer.accumulate(loader.next(), micro_step)   # backward per micro-batch, one optimizer step
+        return {"loss": res["loss"], ...}
 
-PPO-style stages call ``optimizer_step`` several times inside one step (epochs x minibatches).
+:meth:`Trainer.accumulate` adds every rank's counts and sums in one all-reduce per optimizer step and
+divides the gradients by the global count (as torchtitan does with its global valid-token count), so
+micro-batching, accumulation and data parallelism give the gradient of one big batch; no stage scales
+its loss by hand. PPO-style stages call ``accumulate`` several times inside one step (epochs x minibatches).
+Contributors: the loop's cadence and resume live here; what a stage computes lives in chatforge/stages/.
 """
 
 from __future__ import annotations
@@ -24,17 +28,19 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from collections import defaultdict
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from chatforge import distributed as D
-from chatforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from chatforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_all, set_rng_state
 from chatforge.config import Config, OptimConfig, to_dict
 from chatforge.metrics import MetricsLog
 
 StepFn = Callable[[int], dict]
+MicroStep = Callable[[Any], tuple[torch.Tensor, Any, dict]]
 EvalFn = Callable[[int], dict]
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. Unknown devices (CPUs) report no MFU.
@@ -47,17 +53,6 @@ class TrainingError(RuntimeError):
 
 class Interrupted(RuntimeError):
     """SIGINT/SIGTERM: a checkpoint was saved; the same command resumes."""
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def lr_multiplier(step: int, oc: OptimConfig, max_steps: int) -> float:
@@ -152,36 +147,55 @@ class Trainer:
         return torch.autocast(device_type=self.info.device.type, dtype=self.amp_dtype)
 
     @contextlib.contextmanager
-    def micro(self, last: bool = True, names: Optional[list[str]] = None):
+    def micro(self, last: bool = True):
         """Context of one micro-batch forward: autocast, and DDP gradient sync only on the last one."""
         with contextlib.ExitStack() as stack:
-            if not last:
-                for name in names or list(self.models):
-                    m = self.models[name]
-                    if isinstance(m, nn.parallel.DistributedDataParallel):
-                        stack.enter_context(m.no_sync())
-                    elif hasattr(m, "set_requires_gradient_sync"):  # FSDP2
-                        m.set_requires_gradient_sync(False)
-            elif self.cfg.dist.strategy == "fsdp":
-                for name in names or list(self.models):
-                    m = self.models[name]
-                    if hasattr(m, "set_requires_gradient_sync"):
-                        m.set_requires_gradient_sync(True)
+            for m in self.models.values():
+                if not last and isinstance(m, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(m.no_sync())
+                elif hasattr(m, "set_requires_gradient_sync") and (not last or self.cfg.dist.strategy == "fsdp"):
+                    m.set_requires_gradient_sync(last)  # FSDP2
             stack.enter_context(self.autocast())
             yield
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def accumulate(self, micro_batches: Sequence, micro_step: MicroStep) -> dict[str, float]:
+        """One optimizer step over this rank's ``micro_batches``: forward and backward each, then the step.
 
-    def grad_scale(self) -> float:
-        """Multiply a loss normalised by a global count by this, since DDP/FSDP average gradients over ranks."""
-        return float(self.info.world_size)
+        ``micro_step(batch)`` runs under :meth:`micro` and returns ``(loss_sum, count, sums)``: the loss summed
+        over the micro-batch's units (tokens, pairs or sequences), their number, and statistics summed the same
+        way. The counts and sums of every rank are added in ONE all-reduce; the gradients are divided by the
+        global count (times the world size: DDP/FSDP average gradients over ranks), then clipped and stepped.
+        Returns ``{"loss": global loss sum / global count, "count": global count, **global sums, **grad norms}``.
+        """
+        loss_total = torch.zeros((), device=self.info.device)
+        count, sums = 0.0, defaultdict(float)
+        n = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            with self.micro(last=i == n - 1):
+                loss_sum, c, stats = micro_step(batch)
+            loss_sum.backward()
+            loss_total += loss_sum.detach().float()
+            count += float(c)
+            for k, v in stats.items():
+                sums[k] += float(v.detach()) if torch.is_tensor(v) else float(v)
+        keys = sorted(sums)
+        totals = D.all_reduce_sum(torch.tensor([loss_total.item(), count, *[sums[k] for k in keys]],
+                                               dtype=torch.float64)).tolist()
+        global_count = max(totals[1], 1.0)
+        self._scale_grads(self.info.world_size / global_count)
+        return {"loss": totals[0] / global_count, "count": totals[1], **dict(zip(keys, totals[2:])),
+                **self.optimizer_step()}
 
-    def optimizer_step(self, names: Optional[list[str]] = None) -> dict[str, float]:
-        """Clip, step and zero the named optimizers (all by default); returns their gradient norms."""
+    def _scale_grads(self, factor: float) -> None:
+        for m in self.models.values():
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step and zero every optimizer; returns their gradient norms (before clipping)."""
         stats = {}
-        for name in names or list(self.optimizers):
-            opt = self.optimizers[name]
+        for name, opt in self.optimizers.items():
             params = [p for g in opt.param_groups for p in g["params"]]
             if self.cfg.optim.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)

@@ -24,9 +24,15 @@ from tests.conftest import ROOT
 
 MICRO = ROOT / "configs" / "micro.yaml"
 GOLDEN_DIR = Path(__file__).parent / "golden"
-RTOL, ATOL = 1e-5, 1e-6
+# Float tolerance: dividing the gradients by the global count after the backward (instead of scaling the loss
+# before it) moves the weights by ~1e-7 relative, which a difference of log-probs (k1 KL) shows at ~1e-6 absolute.
+RTOL, ATOL = 1e-5, 1e-5
 # Keys that are wall-clock measurements, not numbers of the algorithm.
 TIMING_KEYS = {"step_s", "elapsed_s", "tokens_per_s", "gen_s", "eval_s", "mfu", "lr_s"}
+# Diagnostics that count float ties, compared to an absolute tolerance: PPO's vf_clipfrac counts tokens where
+# (clip(v, v_old +- eps) - R)^2 > (v - R)^2, and inside the clip range v_old + (v - v_old) differs from v in the
+# last bit, so a 1e-7 change of the weights flips some of those ties.
+LOOSE = {"vf_clipfrac": 0.05}
 QUIET = ["train.progress=false", "train.threads=1", "train.ckpt_every=0", "train.log_every=1"]
 
 
@@ -54,10 +60,10 @@ def curve(out: Path) -> list[dict]:
     return rows
 
 
-def close(a: float, b: float) -> bool:
+def close(a: float, b: float, key: str = "") -> bool:
     if isinstance(a, float) and math.isnan(a):
         return isinstance(b, float) and math.isnan(b)
-    return math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL)
+    return math.isclose(a, b, rel_tol=RTOL, abs_tol=LOOSE.get(key, ATOL))
 
 
 def diff_curves(got: list[dict], want: list[dict]) -> list[str]:
@@ -68,7 +74,7 @@ def diff_curves(got: list[dict], want: list[dict]) -> list[str]:
     for i, (g, w) in enumerate(zip(got, want)):
         for k, wv in w.items():
             gv = g.get(k)
-            if gv is None or (k in ("kind", "step") and gv != wv) or (k not in ("kind", "step") and not close(gv, wv)):
+            if gv is None or (k in ("kind", "step") and gv != wv) or (k not in ("kind", "step") and not close(gv, wv, k)):
                 out.append(f"row {i} ({w.get('kind')} step {w.get('step')}) {k}: recorded {wv!r}, now {gv!r}")
     return out
 

@@ -28,11 +28,13 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.pairs import PairBatch, TokenPair, collate_pairs, load_pair_data, pair_lengths
-from chatforge.model.hf_causal import fresh_like
 from chatforge.model.load import load_causal_lm
 from chatforge.model.lora import apply_lora, reference_from
-from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
+from chatforge.stages.common import finish, start
 from chatforge.trainer import Trainer
+
+
+SUM_KEYS = ("loss", "reward_chosen", "reward_rejected", "correct", "chosen_drift", "chosen_tokens", "tokens")
 
 
 def response_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +84,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         raise ConfigError("dpo: --model.init is required (the SFT model directory to optimise)")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
-    out = check_out_dir(Path(out))
-    info = setup(cfg)
+    out, info = start(cfg, out)
     policy, cfg.model, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
     policy = apply_lora(policy, cfg.lora)  # no-op unless lora.r > 0
     ref: Optional[torch.nn.Module] = reference_from(policy)  # LoRA: the policy with adapters off; else a frozen copy
@@ -138,18 +139,16 @@ def run(cfg: Config, out: str | Path) -> dict:
                 f"{prefix}accuracy": acc[3].item() / n_pairs,
                 f"{prefix}chosen_drift": acc[4].item() / max(acc[5].item(), 1.0)}
 
+    def micro_step(idx: list[int]) -> tuple[torch.Tensor, int, dict]:
+        batch = collate_pairs([data.train[j] for j in idx], tok.pad_id).to(info.device)
+        l, rc, rr, pi, rf, n = pair_terms(net, "train", idx, batch)
+        return l.sum(), len(idx), dict(zip(SUM_KEYS[1:], sums(l, rc, rr, pi, rf, n, len(idx))[1:].tolist()))
+
     def step_fn(step: int) -> dict:
-        acc = torch.zeros(7, dtype=torch.float64)
-        micro = batcher.next()
-        for i, idx in enumerate(micro):
-            batch = collate_pairs([data.train[j] for j in idx], tok.pad_id).to(info.device)
-            with trainer.micro(last=i == len(micro) - 1):
-                l, rc, rr, pi, rf, n = pair_terms(net, "train", idx, batch)
-            trainer.backward(l.sum() * trainer.grad_scale() / step_pairs)
-            acc += sums(l, rc, rr, pi, rf, n, len(idx))
-        stats = trainer.optimizer_step()
-        acc = D.all_reduce_sum(acc)
-        return {**summary(acc, float(step_pairs)), "tokens": acc[6].item(), **stats}
+        res = trainer.accumulate(batcher.next(), micro_step)  # normalised by the step's pairs
+        n = res.pop("count")
+        acc = torch.tensor([res.pop("loss") * n] + [res.pop(k) for k in SUM_KEYS[1:]], dtype=torch.float64)
+        return {**summary(acc, n), "tokens": acc[6].item(), **res}
 
     def eval_fn(step: int) -> dict:
         acc = torch.zeros(8, dtype=torch.float64)  # the 7 sums + pair count
@@ -165,16 +164,6 @@ def run(cfg: Config, out: str | Path) -> dict:
         return {**summary(acc, acc[7].item(), "val_"), "val_pairs": int(acc[7].item())}
 
     result = trainer.fit(step_fn, eval_fn if data.val else None, desc="dpo")
-    state = D.full_state_dict(net)
-    metrics = flatten_metrics(result)
-    if info.is_main:
-        final = fresh_like(D.unwrap(net))  # an unsharded copy holding the full weights
-        final.load_state_dict(state)
-        save_model_dir(final, out, cfg.model, tok)
-        write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data=data.meta)
-        print(f"dpo: done in {time.time() - t_start:.0f}s; " +
-              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                        if k in ("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin",
-                                 "eval_val_chosen_drift")) + f"; model written to {out}")
-    D.barrier()
-    return metrics
+    return finish(trainer, "model", cfg, tok, result, t_start=t_start, model_cfg=cfg.model, data=data.meta,
+                  shown=("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin",
+                         "eval_val_chosen_drift"))
