@@ -305,6 +305,17 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
+@dataclass
+class ResolvedRun:
+    """What a stage decided from its inputs, kept apart from its (read-only) config and recorded in
+    chatforge.json under ``resolved``."""
+
+    model: ModelConfig
+    """The trained model's real shape (a starting model's own, for every stage but a fresh pretraining)."""
+    algo: Optional[str] = None
+    """The RL algorithm run (grpo/rloo stage: rl.algo, 'grpo' unless told 'rloo')."""
+
+
 CHOICES = {
     "data.sampling": ("random", "sequential"),
     "data.overlong": ("truncate", "drop"),

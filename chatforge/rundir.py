@@ -90,19 +90,11 @@ def provenance() -> dict[str, Any]:
 
 def write_run_info(out: Path, cfg: Config, *, data: Optional[dict] = None, metrics: Optional[dict] = None,
                    extra: Optional[dict] = None, wall_s: Optional[float] = None, resolved: Any = None) -> dict:
-    """Write ``<out>/chatforge.json``: stage, config, provenance, data fingerprints, final metrics.
-
-    ``resolved``: what the run decided from its inputs (e.g. the starting model's shape), recorded beside
-    the config as given; a dataclass or a dict. A ``resolved`` model section also stands in the recorded
-    ``config`` (the model directory's real shape), so readers of ``config.model`` see what was trained."""
-    config = to_dict(cfg)
+    """Write ``<out>/chatforge.json``: stage, config (as given), what the run resolved from it (``resolved``:
+    e.g. the starting model's shape; a dataclass or a dict), provenance, data fingerprints, final metrics."""
     res = dataclasses.asdict(resolved) if dataclasses.is_dataclass(resolved) else dict(resolved or {})
-    res = json.loads(json.dumps(res, default=str))
-    for section, values in res.items():
-        if section in config and isinstance(values, dict):
-            config[section] = values
-    info = {"stage": cfg.stage, "seed": cfg.train.seed, **provenance(), "config": config, "data": data or {},
-            "metrics": metrics or {}}
+    info = {"stage": cfg.stage, "seed": cfg.train.seed, **provenance(), "config": to_dict(cfg),
+            "resolved": json.loads(json.dumps(res, default=str)), "data": data or {}, "metrics": metrics or {}}
     if wall_s is not None:
         info["wall_s"] = round(wall_s, 2)
     info.update(extra or {})

@@ -36,7 +36,7 @@ from torch import nn
 
 from chatforge import distributed as D
 from chatforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_all, set_rng_state
-from chatforge.config import Config, OptimConfig, to_dict
+from chatforge.config import Config, ModelConfig, OptimConfig, to_dict
 from chatforge.metrics import MetricsLog
 
 StepFn = Callable[[int], dict]
@@ -114,11 +114,14 @@ class Trainer:
         lrs: Optional[dict[str, float]] = None,
         state: Optional[dict[str, Any]] = None,
         flops_per_token: float = 0.0,
+        model_cfg: Optional[ModelConfig] = None,
     ):
         """``models``: the trainable modules by role (already on ``info.device``); ``lrs``: per-role
         peak learning rates (default optim.lr); ``state``: extra objects with
-        ``state_dict``/``load_state_dict`` saved in checkpoints (data loaders, KL controllers)."""
+        ``state_dict``/``load_state_dict`` saved in checkpoints (data loaders, KL controllers); ``model_cfg``: the
+        trained model's shape when it is not cfg.model's (a starting model's own), checked on resume."""
         self.cfg, self.out, self.info = cfg, Path(out), info
+        self.model_cfg = model_cfg or cfg.model
         self.raw = dict(models)
         self.amp_dtype = autocast_dtype(cfg.train.dtype, info.device)
         self.models: dict[str, nn.Module] = {}
@@ -246,6 +249,7 @@ class Trainer:
                     "rng": rngs,
                     "state": {k: v.state_dict() for k, v in self.state.items()},
                     "config": to_dict(self.cfg),
+                    "model_config": to_dict(self.model_cfg),
                     "world_size": self.info.world_size,
                 },
             )
@@ -259,8 +263,8 @@ class Trainer:
                 self.log.reset()
             D.barrier()
             return False
-        saved_model = ckpt.get("config", {}).get("model", {})
-        now = to_dict(self.cfg)["model"]
+        saved_model = ckpt.get("model_config") or ckpt.get("config", {}).get("model", {})
+        now = to_dict(self.model_cfg)
         shape_keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "block_size")
         diff = [k for k in shape_keys if k in saved_model and saved_model[k] != now[k]]
         if diff:

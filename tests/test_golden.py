@@ -10,6 +10,7 @@ meant to change them re-records with ``CHATFORGE_UPDATE_GOLDEN=1`` and says so i
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.config import load_config
+from chatforge.config import load_config, to_dict
 from chatforge.demo.files import write_world
 from chatforge.metrics import read_metrics
 from tests.conftest import ROOT
@@ -44,7 +45,7 @@ def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("golden")
     paths = write_world(root / "world", seed=0, corpus_mb=0.1, n_sft=64, n_pairs=64, n_rl_prompts=32,
                         n_eval_prompts=0)
-    pretrain.run(load_config("pretrain", MICRO, [f"data.path=[{paths['corpus']}]", "model.block_size=128",
+    run_checked(pretrain, load_config("pretrain", MICRO, [f"data.path=[{paths['corpus']}]", "model.block_size=128",
                                                  "train.max_steps=10", "train.eval_every=0", *QUIET]), root / "base")
     return {**paths, "base": root / "base", "root": root}
 
@@ -98,10 +99,17 @@ def test_diff_curves_reports_changes():
     assert diff_curves(want[:1], want)[0] == "2 rows recorded, 1 now"
 
 
+def run_checked(stage, cfg, out) -> None:
+    """Run a stage and check that it left its config as it was given (read-only configs)."""
+    before = copy.deepcopy(to_dict(cfg))
+    stage.run(cfg, out)
+    assert to_dict(cfg) == before, "the stage wrote into its config"
+
+
 def run_sft(world, out):
     from chatforge.stages import sft
 
-    sft.run(load_config("sft", MICRO, [f"model.init={world['base']}", f"data.path=[{world['sft']}]",
+    run_checked(sft, load_config("sft", MICRO, [f"model.init={world['base']}", f"data.path=[{world['sft']}]",
                                        "train.max_steps=6", "train.eval_every=3", "train.eval_batches=2",
                                        "train.grad_accum=2", "train.batch_size=4", "sft.n_eval_prompts=0",
                                        *QUIET]), out)
@@ -110,7 +118,7 @@ def run_sft(world, out):
 def run_rm(world, out):
     from chatforge.stages import rm
 
-    rm.run(load_config("rm", MICRO, [f"model.init={world['base']}", f"data.path=[{world['preferences']}]",
+    run_checked(rm, load_config("rm", MICRO, [f"model.init={world['base']}", f"data.path=[{world['preferences']}]",
                                      "data.val_fraction=0.25", "train.max_steps=6", "train.eval_every=3",
                                      "train.eval_batches=0", "train.batch_size=4", "train.grad_accum=2",
                                      "optim.lr=2e-3", "rm.norm_samples=16", *QUIET]), out)
@@ -119,7 +127,7 @@ def run_rm(world, out):
 def run_dpo(world, out):
     from chatforge.stages import dpo
 
-    dpo.run(load_config("dpo", MICRO, [f"model.init={world['base']}", f"data.path=[{world['preferences']}]",
+    run_checked(dpo, load_config("dpo", MICRO, [f"model.init={world['base']}", f"data.path=[{world['preferences']}]",
                                        "data.val_fraction=0.25", "train.max_steps=6", "train.eval_every=3",
                                        "train.eval_batches=0", "train.batch_size=4", "train.grad_accum=2",
                                        "optim.lr=1e-3", "optim.warmup_steps=2", *QUIET]), out)
@@ -136,13 +144,14 @@ def rl_overrides(world, *extra: str) -> list[str]:
 def run_ppo(world, out):
     from chatforge.stages import ppo
 
-    ppo.run(load_config("ppo", MICRO, rl_overrides(world, "rl.prompts_per_step=4", "rl.kl_coef=0.1")), out)
+    run_checked(ppo, load_config("ppo", MICRO, rl_overrides(world, "rl.prompts_per_step=4", "rl.kl_coef=0.1")), out)
 
 
 def run_grpo(world, out, algo="grpo"):
     from chatforge.stages import grpo
 
-    grpo.run(load_config("grpo", MICRO, rl_overrides(world, f"rl.algo={algo}", "rl.prompts_per_step=2",
+    algo_flag = [f"rl.algo={algo}"] if algo != "grpo" else []  # grpo: the stage resolves rl.algo's default itself
+    run_checked(grpo, load_config("grpo", MICRO, rl_overrides(world, *algo_flag, "rl.prompts_per_step=2",
                                                      "rl.group_size=3", "rl.grpo_kl_coef=0.1")), out)
 
 
@@ -156,4 +165,8 @@ def test_golden_curve(world, tmp_path, stage):
     globals()[f"run_{stage}"](world, tmp_path / stage)
     rows = curve(tmp_path / stage)
     assert rows and any(r["kind"] == "train" for r in rows)
+    resolved = json.loads((tmp_path / stage / "chatforge.json").read_text())["resolved"]
+    assert resolved["model"]["n_layer"] == 2 and resolved["model"]["block_size"] == 128  # the base model's shape
+    if stage in ("grpo", "rloo"):
+        assert resolved["algo"] == stage
     check_golden(stage, rows)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
 from chatforge import distributed as D
 from chatforge.checkpoint import seed_all
-from chatforge.config import Config, ModelConfig
+from chatforge.config import Config, ResolvedRun
 from chatforge.model.load import fresh_like
 from chatforge.metrics import read_metrics
 from chatforge.model.save import save_model_dir
@@ -43,13 +43,13 @@ def start(cfg: Config, out: str | Path) -> tuple[Path, D.DistInfo]:
 
 
 def finish(trainer: Trainer, role: str, cfg: Config, tok: ChatTokenizer, result: dict, *, t_start: float,
-           model_cfg: ModelConfig, resolved: Any = None, data: Optional[dict] = None, extra: Optional[dict] = None,
+           resolved: ResolvedRun, data: Optional[dict] = None, extra: Optional[dict] = None,
            metrics_extra: Optional[dict] = None, on_final: Optional[Callable[[torch.nn.Module], dict]] = None,
            shown: tuple[str, ...] = ("train_loss", "eval_val_loss")) -> dict:
     """The end of every stage: the trained ``role``'s full weights gathered (collective), and on rank 0 the
     Hugging Face model directory and ``chatforge.json`` written and one summary line printed; then a barrier.
 
-    ``model_cfg``: the saved model's shape; ``resolved``: what the run resolved from its inputs (chatforge.json);
+    ``resolved``: what the run resolved from its inputs (its ``model`` is the saved model's shape);
     ``on_final(model) -> dict``: extra chatforge.json fields computed from the final model (rank 0, eval mode,
     before the save). Returns the flat final metrics (every rank).
     """
@@ -61,7 +61,7 @@ def finish(trainer: Trainer, role: str, cfg: Config, tok: ChatTokenizer, result:
         final = fresh_like(D.unwrap(net))  # an unsharded copy (same class, shapes, LoRA layout)
         final.load_state_dict(state)
         more = on_final(final.eval()) if on_final else {}
-        save_model_dir(final, out, model_cfg, tok)
+        save_model_dir(final, out, resolved.model, tok)
         write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data=data, resolved=resolved,
                        extra={**(extra or {}), **more})
         parts = [f"{k}={metrics[k]:.4g}" for k in shown if isinstance(metrics.get(k), (int, float))]
@@ -71,10 +71,11 @@ def finish(trainer: Trainer, role: str, cfg: Config, tok: ChatTokenizer, result:
 
 
 def finish_rl(trainer: Trainer, cfg: Config, roles: Roles, prompts: PromptSet, result: dict, t_start: float,
-              extra: dict | None = None) -> dict:
+              algo: str) -> dict:
     """The shared finish (stages/common.finish) with the first step's reward and KL next to the last."""
     rows = [x for x in read_metrics(trainer.out) if x.get("kind") == "train"] if trainer.info.is_main else []
     first = {f"first_{k}": rows[0][k] for k in ("reward", "reward_raw", "kl") if rows and k in rows[0]}
-    return finish(trainer, "actor", cfg, roles.tok, result, t_start=t_start, model_cfg=roles.model_cfg,
-                  data={**prompts.meta, "tokenizer_fingerprint": roles.tok.fingerprint()}, extra=extra,
+    return finish(trainer, "actor", cfg, roles.tok, result, t_start=t_start,
+                  resolved=ResolvedRun(roles.model_cfg, algo), extra={"algo": algo} if algo != "ppo" else None,
+                  data={**prompts.meta, "tokenizer_fingerprint": roles.tok.fingerprint()},
                   metrics_extra=first, shown=("first_reward", "train_reward", "train_kl", "train_eos_fraction"))

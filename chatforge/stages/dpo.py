@@ -25,7 +25,7 @@ import torch
 
 from chatforge import distributed as D
 from chatforge import losses
-from chatforge.config import Config, ConfigError
+from chatforge.config import Config, ConfigError, ResolvedRun
 from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.pairs import PairBatch, TokenPair, collate_pairs, load_pair_data, pair_lengths
 from chatforge.model.load import load_causal_lm
@@ -85,10 +85,10 @@ def run(cfg: Config, out: str | Path) -> dict:
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
     out, info = start(cfg, out)
-    policy, cfg.model, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
+    policy, mcfg, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
     policy = apply_lora(policy, cfg.lora)  # no-op unless lora.r > 0
     ref: Optional[torch.nn.Module] = reference_from(policy)  # LoRA: the policy with adapters off; else a frozen copy
-    data = load_pair_data(cfg.data, tok, cfg.model.block_size, verbose=info.is_main)
+    data = load_pair_data(cfg.data, tok, mcfg.block_size, verbose=info.is_main)
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     step_pairs = B * A * W
     beta, loss_type = cfg.dpo.beta, cfg.dpo.loss
@@ -106,7 +106,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         print(f"dpo: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data.train):,} train / {len(data.val):,} held-out pairs; loss {loss_type}, beta {beta}; "
               f"batch {B} pairs x {A} accumulation x {W} processes = {step_pairs} pairs per step")
-    trainer = Trainer(cfg, out, {"model": policy}, info, state={"data": batcher})
+    trainer = Trainer(cfg, out, {"model": policy}, info, state={"data": batcher}, model_cfg=mcfg)
     net = trainer.models["model"]
 
     def ref_sums(split: str, idx: list[int], batch: PairBatch) -> torch.Tensor:
@@ -164,6 +164,6 @@ def run(cfg: Config, out: str | Path) -> dict:
         return {**summary(acc, acc[7].item(), "val_"), "val_pairs": int(acc[7].item())}
 
     result = trainer.fit(step_fn, eval_fn if data.val else None, desc="dpo")
-    return finish(trainer, "model", cfg, tok, result, t_start=t_start, model_cfg=cfg.model, data=data.meta,
+    return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg), data=data.meta,
                   shown=("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin",
                          "eval_val_chosen_drift"))

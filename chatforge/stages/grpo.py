@@ -34,26 +34,24 @@ PER_TOKEN = ("clipfrac", "approx_kl", "entropy")
 
 def run(cfg: Config, out: str | Path) -> dict:
     rl, t_start = cfg.rl, time.time()
-    if rl.algo == "ppo":  # the shared section's default: this stage runs GRPO unless told rloo
-        rl.algo = "grpo"
-    if rl.algo not in ("grpo", "rloo"):
+    algo = "grpo" if rl.algo == "ppo" else rl.algo  # the shared section's default: GRPO unless told rloo
+    if algo not in ("grpo", "rloo"):
         raise ConfigError(f"rl.algo={rl.algo!r}: the grpo stage runs 'grpo' or 'rloo'")
     if rl.group_size < 2:
-        raise ConfigError(f"rl.group_size={rl.group_size}: {rl.algo} needs at least 2 samples per prompt")
+        raise ConfigError(f"rl.group_size={rl.group_size}: {algo} needs at least 2 samples per prompt")
     check_rl_config(cfg)
     out, info = start(cfg, out)
     roles = load_roles(cfg, info.device, need_ref=rl.grpo_kl_coef > 0)
-    cfg.model = roles.model_cfg
     prompts = load_prompt_set(cfg, roles.tok, roles.model_cfg.block_size, log=info.is_main)
     loader = PromptLoader(len(prompts.ids), rl.prompts_per_step, cfg.train.seed, info.rank, info.world_size)
     G, T, MB = rl.group_size, rl.temperature, cfg.train.batch_size
     if info.is_main:
         print_role_memory({"actor": roles.actor, "reference": roles.ref, "reward": reward_module(roles.reward)},
                           trainable=("actor",))
-        print(f"{rl.algo}: {rl.prompts_per_step} prompts x {G} samples x {info.world_size} processes per rollout, "
+        print(f"{algo}: {rl.prompts_per_step} prompts x {G} samples x {info.world_size} processes per rollout, "
               f"{rl.max_new_tokens} new tokens, {rl.ppo_epochs} epochs x {rl.minibatches} minibatches, "
               f"loss averaged per {rl.loss_averaging}, KL coef {rl.grpo_kl_coef}")
-    trainer = Trainer(cfg, out, {"actor": roles.actor}, info, state={"prompts": loader})
+    trainer = Trainer(cfg, out, {"actor": roles.actor}, info, state={"prompts": loader}, model_cfg=roles.model_cfg)
     actor_net = trainer.models["actor"]
     per_seq = rl.loss_averaging == "sequence"
 
@@ -88,7 +86,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank,
                     micro_rows=MB, repeat=G)
         b, m = r.batch, r.batch.response_mask  # m (N*G, R)
-        if rl.algo == "grpo":
+        if algo == "grpo":
             b.extra["advantages"] = losses.grpo_advantages(r.score, G)  # (N*G,)
         else:
             b.extra["advantages"] = losses.rloo_advantages(r.score.view(-1, G)).reshape(-1)  # (N*G,)
@@ -104,5 +102,5 @@ def run(cfg: Config, out: str | Path) -> dict:
         loss = stats["policy_loss"] + rl.grpo_kl_coef * stats.get("kl_loss", 0.0)
         return {"loss": loss, **rollout_metrics(r), **kl_metric, "zero_std_groups": zero_groups / n, **stats}
 
-    result = trainer.fit(step_fn, None, desc=rl.algo, show=("reward", "kl"))
-    return finish_rl(trainer, cfg, roles, prompts, result, t_start, extra={"algo": rl.algo})
+    result = trainer.fit(step_fn, None, desc=algo, show=("reward", "kl"))
+    return finish_rl(trainer, cfg, roles, prompts, result, t_start, algo)

@@ -53,7 +53,6 @@ def run(cfg: Config, out: str | Path) -> dict:
     check_rl_config(cfg)
     out, info = start(cfg, out)
     roles = load_roles(cfg, info.device, need_ref=True)
-    cfg.model = roles.model_cfg
     prompts = load_prompt_set(cfg, roles.tok, roles.model_cfg.block_size, log=info.is_main)
     loader = PromptLoader(len(prompts.ids), rl.prompts_per_step, cfg.train.seed, info.rank, info.world_size)
     T, MB = rl.temperature, cfg.train.batch_size
@@ -66,7 +65,8 @@ def run(cfg: Config, out: str | Path) -> dict:
               f"new tokens, {rl.ppo_epochs} epochs x {rl.minibatches} minibatches; reward "
               f"{rl.reward_model or rl.reward_fn}; beta {rl.kl_coef}" + (f" -> KL target {rl.kl_target}" if rl.kl_target else ""))
     trainer = Trainer(cfg, out, {"actor": roles.actor, "critic": critic}, info,
-                      lrs={"critic": rl.critic_lr or cfg.optim.lr}, state={"prompts": loader, "kl": kl_ctl})
+                      lrs={"critic": rl.critic_lr or cfg.optim.lr}, state={"prompts": loader, "kl": kl_ctl},
+                      model_cfg=roles.model_cfg)
     actor_net, critic_net = trainer.models["actor"], trainer.models["critic"]
 
     def micro_step(sub: RolloutBatch, epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -123,4 +123,4 @@ def run(cfg: Config, out: str | Path) -> dict:
                 "explained_variance": 1.0 - var_err / var_ret if var_ret > 0 else 0.0, **stats}
 
     result = trainer.fit(step_fn, None, desc="ppo", show=("reward", "kl", "beta"))
-    return finish_rl(trainer, cfg, roles, prompts, result, t_start)
+    return finish_rl(trainer, cfg, roles, prompts, result, t_start, "ppo")

@@ -10,7 +10,7 @@ import torch
 
 from chatforge import distributed as D
 from chatforge import losses
-from chatforge.config import Config
+from chatforge.config import Config, ModelConfig, ResolvedRun
 from chatforge.data.pretrain import TokenLoader, build_token_data, corpus_files, iter_documents, val_windows
 from chatforge.evaluate import token_nll
 from chatforge.model.gpt import GPT
@@ -43,15 +43,15 @@ def tokenizer_for(cfg: Config, out: Path, info: D.DistInfo) -> ChatTokenizer:
     return ChatTokenizer.load(out)
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> torch.nn.Module:
-    """A fresh, initialised GPT, or the starting model of ``model.init`` (its shape wins; any local
-    Hugging Face causal LM, see model/load.py)."""
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> tuple[torch.nn.Module, ModelConfig]:
+    """(model, its shape): a fresh, initialised GPT of ``cfg.model``, or the starting model of ``model.init``
+    (its own shape; any local Hugging Face causal LM, see model/load.py)."""
     if cfg.model.init:
-        model, cfg.model, _ = load_causal_lm(cfg.model.init, trust_remote_code=cfg.model.trust_remote_code)
+        model, mcfg, _ = load_causal_lm(cfg.model.init, trust_remote_code=cfg.model.trust_remote_code)
     else:
-        model = GPT(cfg.model, vocab_size)
+        model, mcfg = GPT(cfg.model, vocab_size), cfg.model
         model.init_weights()
-    return model.to(device)
+    return model.to(device), mcfg
 
 
 def run(cfg: Config, out: str | Path) -> dict:
@@ -64,8 +64,8 @@ def run(cfg: Config, out: str | Path) -> dict:
     if data is None:
         data = build_token_data(cfg.data.path, tok, out / "tokens", cfg.data.val_fraction, progress=False)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg, tok.vocab_size, info.device)
-    T, B, A, W = cfg.model.block_size, cfg.train.batch_size, cfg.train.grad_accum, info.world_size
+    model, mcfg = build_model(cfg, tok.vocab_size, info.device)
+    T, B, A, W = mcfg.block_size, cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     loader = TokenLoader(data.train, T, B, sampling=cfg.data.sampling, seed=cfg.train.seed,
                          rank=info.rank, world_size=W, source=", ".join(cfg.data.path))
     if info.is_main:
@@ -73,7 +73,7 @@ def run(cfg: Config, out: str | Path) -> dict:
               f"{data.meta['train_tokens']:,} train / {data.meta['val_tokens']:,} val tokens")
         print(f"batch: {B} seqs x {T} tokens x {A} accumulation x {W} processes = {B * T * A * W:,} tokens per step")
     trainer = Trainer(cfg, out, {"model": model}, info, state={"data": loader},
-                      flops_per_token=model.flops_per_token())
+                      flops_per_token=model.flops_per_token(), model_cfg=mcfg)
     net = trainer.models["model"]  # wrapped (DDP/FSDP, compiled): for training
     plain = trainer.raw["model"]  # eval needs no gradient sync and would only recompile a compiled model
 
@@ -94,7 +94,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         return {"val_loss": total / n, "val_bpb": total / n / math.log(2) / data.val_bytes_per_token}
 
     result = trainer.fit(step_fn, eval_fn if data.meta["val_tokens"] > 1 else None, desc="pretrain")
-    return finish(trainer, "model", cfg, tok, result, t_start=t_start, model_cfg=cfg.model, data={
+    return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg), data={
         "files": data.meta["files"], "fingerprint": data.meta["files_fingerprint"],
         "tokenizer_fingerprint": tok.fingerprint(), "train_tokens": data.meta["train_tokens"],
         "val_tokens": data.meta["val_tokens"]}, shown=("train_loss", "eval_val_loss", "eval_val_bpb"))

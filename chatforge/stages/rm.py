@@ -22,7 +22,7 @@ import torch
 
 from chatforge import distributed as D
 from chatforge import losses
-from chatforge.config import Config, ConfigError
+from chatforge.config import Config, ConfigError, ResolvedRun
 from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.pairs import PairData, PairSequences, collate_unique, load_pair_data, pair_lengths
 from chatforge.model.heads import gather_last, score_sequences
@@ -90,8 +90,8 @@ def run(cfg: Config, out: str | Path) -> dict:
     if not cfg.model.init:
         raise ConfigError("rm: --model.init is required (the SFT model directory the reward model starts from)")
     out, info = start(cfg, out)
-    policy, cfg.model, tok = load_causal_lm(cfg.model.init, "cpu", trust_remote_code=cfg.model.trust_remote_code)
-    data = load_pair_data(cfg.data, tok, cfg.model.block_size, verbose=info.is_main)
+    policy, mcfg, tok = load_causal_lm(cfg.model.init, "cpu", trust_remote_code=cfg.model.trust_remote_code)
+    data = load_pair_data(cfg.data, tok, mcfg.block_size, verbose=info.is_main)
     torch.manual_seed(cfg.train.seed)  # the same score head on every rank
     model = apply_lora(scalar_from_causal(policy, score_std=None), cfg.lora).to(info.device)
     del policy
@@ -104,7 +104,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         print(f"rm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data.train):,} train / {len(data.val):,} held-out pairs; "
               f"batch {B} pairs x {A} accumulation x {W} processes = {step_pairs} pairs per step")
-    trainer = Trainer(cfg, out, {"model": model}, info, state={"data": batcher})
+    trainer = Trainer(cfg, out, {"model": model}, info, state={"data": batcher}, model_cfg=mcfg)
     net = trainer.models["model"]
     margin = cfg.rm.margin
 
@@ -160,5 +160,5 @@ def run(cfg: Config, out: str | Path) -> dict:
         return extra
 
     result = trainer.fit(step_fn, eval_fn if data.val else None, desc="rm")
-    return finish(trainer, "model", cfg, tok, result, t_start=t_start, model_cfg=cfg.model, data=data.meta,
+    return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg), data=data.meta,
                   on_final=record, shown=("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin"))

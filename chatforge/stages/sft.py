@@ -19,7 +19,7 @@ import torch
 
 from chatforge import distributed as D
 from chatforge import losses
-from chatforge.config import Config, ConfigError
+from chatforge.config import Config, ConfigError, ResolvedRun
 from chatforge.data.sft import SFTLoader, build_sft_data, conversation_prompt, prompt_ids, val_micro_batches
 from chatforge.engine import Engine
 from chatforge.evaluate import token_nll
@@ -57,7 +57,6 @@ def run(cfg: Config, out: str | Path) -> dict:
                           "the output of `chatforge pretrain`, or a local Hugging Face model directory)")
     out, info = start(cfg, out)
     model, mcfg, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
-    cfg.model = mcfg  # the starting model's shape wins
     model = apply_lora(model, cfg.lora)  # no-op unless lora.r > 0
     T, B, A, W = mcfg.block_size, cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     data = build_sft_data(cfg, tok, T)
@@ -74,7 +73,7 @@ def run(cfg: Config, out: str | Path) -> dict:
               f"padding fraction with length bucketing {expected_pad:.3f}")
         print(f"batch: {B} conversations x {A} accumulation x {W} processes = {B * A * W} per step")
     trainer = Trainer(cfg, out, {"model": model}, info, state={"data": loader},
-                      flops_per_token=model.flops_per_token())
+                      flops_per_token=model.flops_per_token(), model_cfg=mcfg)
     net = trainer.models["model"]
 
     def micro_step(batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -120,5 +119,5 @@ def run(cfg: Config, out: str | Path) -> dict:
 
     has_eval = bool(data.val) or bool(prompts)
     result = trainer.fit(step_fn, eval_fn if has_eval else None, desc="sft")
-    return finish(trainer, "model", cfg, tok, result, t_start=t_start, model_cfg=cfg.model,
+    return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg),
                   data={**data.meta, "expected_padding_fraction": expected_pad})
