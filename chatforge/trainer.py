@@ -35,9 +35,11 @@ import torch
 from torch import nn
 
 from chatforge import distributed as D
-from chatforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_all, set_rng_state
-from chatforge.config import Config, ModelConfig, OptimConfig, to_dict
+from chatforge.checkpoint import (load_checkpoint, rng_state, save_checkpoint, seed_all, set_rng_state,
+                                  world_change_note)
+from chatforge.config import Config, ModelConfig, to_dict
 from chatforge.metrics import MetricsLog
+from chatforge.optim import lr_multiplier, make_optimizer
 
 StepFn = Callable[[int], dict]
 MicroStep = Callable[[Any], tuple[torch.Tensor, Any, dict]]
@@ -53,38 +55,6 @@ class TrainingError(RuntimeError):
 
 class Interrupted(RuntimeError):
     """SIGINT/SIGTERM: a checkpoint was saved; the same command resumes."""
-
-
-def lr_multiplier(step: int, oc: OptimConfig, max_steps: int) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` (or flat for 'constant')."""
-    if step < oc.warmup_steps:
-        return (step + 1) / oc.warmup_steps
-    if oc.schedule == "constant":
-        return 1.0
-    decay = oc.decay_steps or max_steps
-    if step >= decay:
-        return oc.min_lr_ratio
-    progress = (step - oc.warmup_steps) / max(1, decay - oc.warmup_steps)
-    return oc.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - oc.min_lr_ratio)
-
-
-def make_optimizer(model: nn.Module, lr: float, oc: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weight matrices only (not on norms, biases or embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    fused = oc.fused and device.type in ("cuda", "cpu")
-    try:
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, fused=fused)
-    except (RuntimeError, TypeError):  # fused kernel unavailable for these tensors
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
-    for g in opt.param_groups:
-        g["base_lr"] = lr
-    return opt
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
@@ -287,35 +257,13 @@ class Trainer:
             set_rng_state(rngs[self.info.rank])
         else:  # a rank the saving run did not have: a fresh stream of its own, not a copy of rank 0's
             seed_all(self.cfg.train.seed + self.info.rank + 1_000_003 * self.step)
-        self._check_world_change(ckpt)
+        note = world_change_note(ckpt, self.cfg.train, self.info.world_size)
+        if note and self.info.is_main:
+            print(note)
         if self.info.is_main:
             self.log.truncate(self.step)
         D.barrier()
         return True
-
-    def _check_world_change(self, ckpt: dict) -> None:
-        """Tell (rank 0) when a checkpoint resumes under another world size or global batch.
-
-        Pretraining's TokenLoader and the BucketBatcher draw whole global batches of
-        batch_size x grad_accum x world_size examples and slice them by rank, so a resume whose
-        global batch is unchanged (e.g. 2 ranks x accum 1 -> 1 rank x accum 2) continues the
-        exact data order; another global batch continues with valid but different batches.
-        """
-        saved_w = int(ckpt.get("world_size", 1))
-        saved_train = ckpt.get("config", {}).get("train", {})
-        tc, W = self.cfg.train, self.info.world_size
-        saved_g = saved_train.get("batch_size", tc.batch_size) * saved_train.get("grad_accum", tc.grad_accum) * saved_w
-        now_g = tc.batch_size * tc.grad_accum * W
-        if not self.info.is_main or (saved_w == W and saved_g == now_g):
-            return
-        if saved_g == now_g:
-            print(f"resume: checkpoint of {saved_w} processes resumed on {W}; the global batch "
-                  f"({now_g} = batch_size x grad_accum x processes) is unchanged, so the data order continues exactly")
-        else:
-            print(f"resume: warning: the global batch changed from {saved_g} to {now_g} "
-                  f"(batch_size x grad_accum x processes; {saved_w} -> {W} processes); training continues "
-                  f"but the batches differ from an uninterrupted run. Keep batch_size x grad_accum x processes "
-                  f"equal for an exact resume")
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -341,6 +289,58 @@ class Trainer:
                         "eval_s": round(time.time() - t0, 3), **res})
         return res
 
+    @contextlib.contextmanager
+    def _catch_signals(self):
+        """SIGINT/SIGTERM set a flag (checked after each step) instead of killing the run; restored after."""
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            try:
+                signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                try:
+                    signal.signal(s, h)
+                except ValueError:
+                    pass
+
+    def _train_step(self, step_fn: StepFn) -> dict:
+        """One step: learning rate, the stage's step function, the finiteness check; returns the metrics row."""
+        t0 = time.time()
+        lr = self.set_lr(self.step)
+        metrics = step_fn(self.step)
+        loss = float(metrics.get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise TrainingError(f"step {self.step + 1}: the loss is {loss}; the run stops and the last checkpoint is "
+                                f"kept. Try a lower --optim.lr or --train.dtype=fp32")
+        dt = time.time() - t0
+        self.elapsed += dt
+        self.step += 1
+        row = {"kind": "train", "step": self.step, "lr": lr, **metrics, "step_s": round(dt, 4),
+               "elapsed_s": round(self.elapsed, 3)}
+        tokens = float(metrics.get("tokens", 0.0))
+        if tokens:
+            row["tokens_per_s"] = tokens / max(dt, 1e-9)
+            if self.flops_per_token and self.peak:
+                row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.info.world_size)
+        return row
+
+    @staticmethod
+    def _show(bar, row: dict, show: tuple[str, ...], since: float) -> None:
+        """The progress bar's step, loss, ``show`` keys, tokens/s since ``since`` and MFU."""
+        bar.update(1)
+        post = {"loss": f"{float(row.get('loss', 0.0)):.4f}"}
+        post.update({k: f"{row[k]:.4g}" for k in show if isinstance(row.get(k), (int, float))})
+        span, tokens = time.time() - since, float(row.get("tokens", 0.0))
+        if tokens and span > 0:
+            post["tok/s"] = f"{tokens / span:,.0f}"
+        if "mfu" in row:
+            post["mfu"] = f"{100 * row['mfu']:.1f}%"
+        bar.set_postfix(post, refresh=False)
+
     def fit(self, step_fn: StepFn, eval_fn: Optional[EvalFn] = None, *, desc: str = "train",
             show: tuple[str, ...] = ()) -> dict:
         """Run (or resume) the loop to train.max_steps; returns the last train and eval metrics.
@@ -348,12 +348,6 @@ class Trainer:
         ``show``: extra keys of the step metrics to display on the progress bar (e.g. reward, kl)."""
         tc = self.cfg.train
         resumed = self.resume()
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in old:
-            try:
-                signal.signal(s, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
         last_train: dict = {}
         last_eval: dict = {}
         bar = None
@@ -362,61 +356,29 @@ class Trainer:
 
             bar = tqdm(total=tc.max_steps, initial=self.step, desc=desc, dynamic_ncols=True, leave=True)
         try:
-            if not resumed and self.step == 0 and tc.eval_every > 0:
-                last_eval = self._evaluate(eval_fn)
-            window_t, window_tokens = time.time(), 0.0
-            while self.step < tc.max_steps:
-                t0 = time.time()
-                lr = self.set_lr(self.step)
-                metrics = step_fn(self.step)
-                loss = float(metrics.get("loss", 0.0))
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"step {self.step + 1}: the loss is {loss}; the run stops and the last checkpoint is kept. "
-                        f"Try a lower --optim.lr or --train.dtype=fp32"
-                    )
-                dt = time.time() - t0
-                self.elapsed += dt
-                self.step += 1
-                tokens = float(metrics.get("tokens", 0.0))
-                window_tokens += tokens
-                row = {"kind": "train", "step": self.step, "lr": lr, **metrics,
-                       "step_s": round(dt, 4), "elapsed_s": round(self.elapsed, 3)}
-                if tokens:
-                    row["tokens_per_s"] = tokens / max(dt, 1e-9)
-                    if self.flops_per_token and self.peak:
-                        row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.info.world_size)
-                last_train = row
-                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                    self.log.write(row)
-                if bar is not None:
-                    bar.update(1)
-                    post = {"loss": f"{loss:.4f}"}
-                    post.update({k: f"{metrics[k]:.4g}" for k in show if isinstance(metrics.get(k), (int, float))})
-                    span = time.time() - window_t
-                    if window_tokens and span > 0:
-                        post["tok/s"] = f"{window_tokens / span:,.0f}"
-                    if "mfu" in row:
-                        post["mfu"] = f"{100 * row['mfu']:.1f}%"
-                    bar.set_postfix(post, refresh=False)
-                    window_t, window_tokens = time.time(), 0.0
-                done = self.step == tc.max_steps
-                if (tc.eval_every > 0 and self.step % tc.eval_every == 0) or done:
+            with self._catch_signals():
+                if not resumed and self.step == 0 and tc.eval_every > 0:
                     last_eval = self._evaluate(eval_fn)
-                if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0) or done:
-                    self.save_checkpoint()
-                if not done and self._should_stop():
-                    self.save_checkpoint()
-                    raise Interrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out}/checkpoint; "
-                                      f"run the same command to resume")
-            if resumed and not last_eval:
-                last_eval = self._evaluate(eval_fn)
+                shown_t = time.time()
+                while self.step < tc.max_steps:
+                    last_train = self._train_step(step_fn)
+                    done = self.step == tc.max_steps
+                    if self.step % tc.log_every == 0 or done:
+                        self.log.write(last_train)
+                    if bar is not None:
+                        self._show(bar, last_train, show, shown_t)
+                        shown_t = time.time()
+                    if (tc.eval_every > 0 and self.step % tc.eval_every == 0) or done:
+                        last_eval = self._evaluate(eval_fn)
+                    if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0) or done:
+                        self.save_checkpoint()
+                    if not done and self._should_stop():
+                        self.save_checkpoint()
+                        raise Interrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out}/"
+                                          f"checkpoint; run the same command to resume")
+                if resumed and not last_eval:
+                    last_eval = self._evaluate(eval_fn)
         finally:
             if bar is not None:
                 bar.close()
-            for s, h in old.items():
-                try:
-                    signal.signal(s, h)
-                except ValueError:
-                    pass
         return {"train": last_train, "eval": last_eval}

@@ -5,7 +5,7 @@ late import is still a cycle). The allowed direction, lowest layer first (a modu
 and any layer below it):
 
     0  chatforge (the package), config
-    1  checkpoint, distributed, metrics, rundir, tracking        files, processes, records
+    1  checkpoint, distributed, metrics, optim, rundir, tracking files, processes, records, the optimizer
     2  tokenizer
     3  data.*, demo.*, model.*                                   text, the demo world, the networks
     4  engine, losses                                            generation on ids, pure loss functions
@@ -27,7 +27,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chatforge"
 
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("chatforge", "chatforge.config")),
-    (1, ("chatforge.checkpoint", "chatforge.distributed", "chatforge.metrics", "chatforge.rundir",
+    (1, ("chatforge.checkpoint", "chatforge.distributed", "chatforge.metrics", "chatforge.optim", "chatforge.rundir",
          "chatforge.tracking")),
     (2, ("chatforge.tokenizer",)),
     (3, ("chatforge.data", "chatforge.demo", "chatforge.model")),

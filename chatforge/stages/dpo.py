@@ -78,6 +78,46 @@ class RefLogps:
         return torch.cat([self.chosen[idx], self.rejected[idx]]).to(device)
 
 
+def precompute_reference(ref: torch.nn.Module, data, pad_id: int, batch_size: int, info) -> dict[str, RefLogps]:
+    """The reference log-probs of every train and held-out pair, computed once (``dpo.precompute_ref``)."""
+    t0 = time.time()
+    pre = {name: RefLogps.compute(ref, pairs, pad_id, batch_size, info.rank, info.world_size, info.device)
+           for name, pairs in (("train", data.train), ("val", data.val)) if pairs}
+    if info.is_main:
+        print(f"dpo: reference log-probs of {len(data.train) + len(data.val):,} pairs precomputed in "
+              f"{time.time() - t0:.1f}s; reference model freed")
+    return pre
+
+
+def pair_terms(model: torch.nn.Module, batch: PairBatch, rf: torch.Tensor, beta: float, loss_type: str):
+    """(per-pair losses (B,), chosen rewards (B,), rejected rewards (B,), policy sums (2B,), ref sums (2B,),
+    response token counts (2B,)) of B pairs, given their reference sums ``rf`` (2B,)."""
+    pi, n = response_logps(model, batch)  # (2B,), (2B,)
+    k = len(pi) // 2
+    if loss_type == "ipo":  # per-token averages, as TRL passes them to the IPO loss
+        l, _, _ = losses.dpo(pi[:k] / n[:k], pi[k:] / n[k:], rf[:k] / n[:k], rf[k:] / n[k:], beta, "ipo")
+        _, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")  # implicit rewards: sums
+    else:
+        l, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")
+    return l, rc, rr, pi.detach(), rf, n
+
+
+def pair_sums(l, rc, rr, pi, rf, n) -> torch.Tensor:
+    """A batch's sums (SUM_KEYS): loss, chosen reward, rejected reward, correct, chosen drift, chosen tokens, tokens."""
+    k = len(l)
+    return torch.tensor([l.sum().item(), rc.sum().item(), rr.sum().item(), (rc > rr).sum().item(),
+                         (pi[:k] - rf[:k]).sum().item(), n[:k].sum().item(), n.sum().item()], dtype=torch.float64)
+
+
+def summary(acc: torch.Tensor, n_pairs: float, prefix: str = "") -> dict:
+    """Means per pair (the drift per chosen token) of the SUM_KEYS sums ``acc``."""
+    return {f"{prefix}loss": acc[0].item() / n_pairs, f"{prefix}reward_chosen": acc[1].item() / n_pairs,
+            f"{prefix}reward_rejected": acc[2].item() / n_pairs,
+            f"{prefix}margin": (acc[1].item() - acc[2].item()) / n_pairs,
+            f"{prefix}accuracy": acc[3].item() / n_pairs,
+            f"{prefix}chosen_drift": acc[4].item() / max(acc[5].item(), 1.0)}
+
+
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     if not cfg.model.init:
@@ -90,22 +130,15 @@ def run(cfg: Config, out: str | Path) -> dict:
     ref: Optional[torch.nn.Module] = reference_from(policy)  # LoRA: the policy with adapters off; else a frozen copy
     data = load_pair_data(cfg.data, tok, mcfg.block_size, verbose=info.is_main)
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
-    step_pairs = B * A * W
     beta, loss_type = cfg.dpo.beta, cfg.dpo.loss
     batcher = BucketBatcher(pair_lengths(data.train), B, A, seed=cfg.train.seed, rank=info.rank, world_size=W)
-    pre: dict[str, RefLogps] = {}
+    pre = precompute_reference(ref, data, tok.pad_id, B, info) if cfg.dpo.precompute_ref else {}
     if cfg.dpo.precompute_ref:
-        t0 = time.time()
-        pre = {name: RefLogps.compute(ref, pairs, tok.pad_id, B, info.rank, W, info.device)
-               for name, pairs in (("train", data.train), ("val", data.val)) if pairs}
         ref = None  # freed: every reference log-prob the run needs is in `pre`
-        if info.is_main:
-            print(f"dpo: reference log-probs of {len(data.train) + len(data.val):,} pairs precomputed in "
-                  f"{time.time() - t0:.1f}s; reference model freed")
     if info.is_main:
         print(f"dpo: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data.train):,} train / {len(data.val):,} held-out pairs; loss {loss_type}, beta {beta}; "
-              f"batch {B} pairs x {A} accumulation x {W} processes = {step_pairs} pairs per step")
+              f"batch {B} pairs x {A} accumulation x {W} processes = {B * A * W} pairs per step")
     trainer = Trainer(cfg, out, {"model": policy}, info, state={"data": batcher}, model_cfg=mcfg)
     net = trainer.models["model"]
 
@@ -115,34 +148,10 @@ def run(cfg: Config, out: str | Path) -> dict:
         with torch.inference_mode():
             return response_logps(ref, batch)[0].clone()  # (2B,)
 
-    def pair_terms(model, split: str, idx: list[int], batch: PairBatch):
-        """(per-pair losses (B,), chosen rewards (B,), rejected rewards (B,), policy sums (2B,), ref sums (2B,), counts (2B,))."""
-        pi, n = response_logps(model, batch)  # (2B,), (2B,)
-        rf = ref_sums(split, idx, batch)  # (2B,)
-        k = len(idx)
-        if loss_type == "ipo":  # per-token averages, as TRL passes them to the IPO loss
-            l, _, _ = losses.dpo(pi[:k] / n[:k], pi[k:] / n[k:], rf[:k] / n[:k], rf[k:] / n[k:], beta, "ipo")
-            _, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")  # implicit rewards: sums
-        else:
-            l, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")
-        return l, rc, rr, pi.detach(), rf, n
-
-    def sums(l, rc, rr, pi, rf, n, k: int) -> torch.Tensor:
-        """This batch's sums: loss, chosen reward, rejected reward, correct, chosen drift, chosen tokens, tokens."""
-        return torch.tensor([l.sum().item(), rc.sum().item(), rr.sum().item(), (rc > rr).sum().item(),
-                             (pi[:k] - rf[:k]).sum().item(), n[:k].sum().item(), n.sum().item()], dtype=torch.float64)
-
-    def summary(acc: torch.Tensor, n_pairs: float, prefix: str = "") -> dict:
-        return {f"{prefix}loss": acc[0].item() / n_pairs, f"{prefix}reward_chosen": acc[1].item() / n_pairs,
-                f"{prefix}reward_rejected": acc[2].item() / n_pairs,
-                f"{prefix}margin": (acc[1].item() - acc[2].item()) / n_pairs,
-                f"{prefix}accuracy": acc[3].item() / n_pairs,
-                f"{prefix}chosen_drift": acc[4].item() / max(acc[5].item(), 1.0)}
-
     def micro_step(idx: list[int]) -> tuple[torch.Tensor, int, dict]:
         batch = collate_pairs([data.train[j] for j in idx], tok.pad_id).to(info.device)
-        l, rc, rr, pi, rf, n = pair_terms(net, "train", idx, batch)
-        return l.sum(), len(idx), dict(zip(SUM_KEYS[1:], sums(l, rc, rr, pi, rf, n, len(idx))[1:].tolist()))
+        l, rc, rr, pi, rf, n = pair_terms(net, batch, ref_sums("train", idx, batch), beta, loss_type)
+        return l.sum(), len(idx), dict(zip(SUM_KEYS[1:], pair_sums(l, rc, rr, pi, rf, n)[1:].tolist()))
 
     def step_fn(step: int) -> dict:
         res = trainer.accumulate(batcher.next(), micro_step)  # normalised by the step's pairs
@@ -155,8 +164,8 @@ def run(cfg: Config, out: str | Path) -> dict:
         for idx in eval_batches(pair_lengths(data.val), B, info.rank, W, cfg.train.eval_batches):
             batch = collate_pairs([data.val[j] for j in idx], tok.pad_id).to(info.device)
             with trainer.autocast():
-                terms = pair_terms(net, "val", idx, batch)
-            acc[:7] += sums(*terms, len(idx))
+                terms = pair_terms(net, batch, ref_sums("val", idx, batch), beta, loss_type)
+            acc[:7] += pair_sums(*terms)
             acc[7] += len(idx)
         acc = D.all_reduce_sum(acc)
         if acc[7] == 0:

@@ -32,13 +32,34 @@ PER_UNIT = ("policy_loss", "kl_loss")  # averaged as rl.loss_averaging says (per
 PER_TOKEN = ("clipfrac", "approx_kl", "entropy")
 
 
-def run(cfg: Config, out: str | Path) -> dict:
-    rl, t_start = cfg.rl, time.time()
-    algo = "grpo" if rl.algo == "ppo" else rl.algo  # the shared section's default: GRPO unless told rloo
+def resolve_algo(rl) -> str:
+    """'grpo' or 'rloo': rl.algo, whose shared default 'ppo' means GRPO here (the config is left as given)."""
+    algo = "grpo" if rl.algo == "ppo" else rl.algo
     if algo not in ("grpo", "rloo"):
         raise ConfigError(f"rl.algo={rl.algo!r}: the grpo stage runs 'grpo' or 'rloo'")
     if rl.group_size < 2:
         raise ConfigError(f"rl.group_size={rl.group_size}: {algo} needs at least 2 samples per prompt")
+    return algo
+
+
+def advantages(score: torch.Tensor, algo: str, G: int) -> torch.Tensor:
+    """One advantage per response (N*G,) from its group's scores: GRPO (r - mean) / (std + eps), RLOO r - the
+    mean of the other G - 1."""
+    if algo == "grpo":
+        return losses.grpo_advantages(score, G)  # (N*G,)
+    return losses.rloo_advantages(score.view(-1, G)).reshape(-1)  # (N*G,)
+
+
+def summarise(res: dict) -> dict:
+    """A minibatch's global sums -> means (loss terms per unit, diagnostics per token), and the gradient norm."""
+    n, n_tok = max(res["count"], 1.0), max(res["tokens"], 1.0)
+    return {**{k: res[k] / n for k in PER_UNIT if k in res}, **{k: res[k] / n_tok for k in PER_TOKEN if k in res},
+            **{k: v for k, v in res.items() if "grad_norm" in k}}
+
+
+def run(cfg: Config, out: str | Path) -> dict:
+    rl, t_start = cfg.rl, time.time()
+    algo = resolve_algo(rl)
     check_rl_config(cfg)
     out, info = start(cfg, out)
     roles = load_roles(cfg, info.device, need_ref=rl.grpo_kl_coef > 0)
@@ -76,20 +97,11 @@ def run(cfg: Config, out: str | Path) -> dict:
             stats["entropy"] = losses.masked_sum(ent, m)
         return loss, (len(sub) if per_seq else n_tok), stats
 
-    def summarise(res: dict) -> dict:
-        """A minibatch's global sums -> means (loss terms per unit, diagnostics per token), and the gradient norm."""
-        n, n_tok = max(res["count"], 1.0), max(res["tokens"], 1.0)
-        return {**{k: res[k] / n for k in PER_UNIT if k in res}, **{k: res[k] / n_tok for k in PER_TOKEN if k in res},
-                **{k: v for k, v in res.items() if "grad_norm" in k}}
-
     def step_fn(step: int) -> dict:
         r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank,
                     micro_rows=MB, repeat=G)
         b, m = r.batch, r.batch.response_mask  # m (N*G, R)
-        if algo == "grpo":
-            b.extra["advantages"] = losses.grpo_advantages(r.score, G)  # (N*G,)
-        else:
-            b.extra["advantages"] = losses.rloo_advantages(r.score.view(-1, G)).reshape(-1)  # (N*G,)
+        b.extra["advantages"] = advantages(r.score, algo, G)  # (N*G,)
         n, zero_groups = global_sums(len(b) // G, (r.score.view(-1, G).std(dim=1) == 0).float().sum())
         kl_metric = {}
         if "ref_logp" in b.extra:

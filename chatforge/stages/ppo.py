@@ -46,6 +46,40 @@ def build_critic(cfg: Config, actor: torch.nn.Module, device: torch.device) -> t
     return disable_dropout(apply_lora(critic, cfg.lora)).to(device)
 
 
+def print_plan(rl, roles, critic: torch.nn.Module, world_size: int) -> None:
+    print_role_memory({"actor": roles.actor, "critic": critic, "reference": roles.ref,
+                       "reward": reward_module(roles.reward)}, trainable=("actor", "critic"))
+    print(f"ppo: {rl.prompts_per_step} prompts x {world_size} processes per rollout, {rl.max_new_tokens} "
+          f"new tokens, {rl.ppo_epochs} epochs x {rl.minibatches} minibatches; reward "
+          f"{rl.reward_model or rl.reward_fn}; beta {rl.kl_coef}" + (f" -> KL target {rl.kl_target}" if rl.kl_target else ""))
+
+
+def advantages(trainer: Trainer, b: RolloutBatch, score: torch.Tensor, beta: float, rl, micro_rows: int,
+               step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (the score at the last response token - beta * KL per token) -> GAE advantages (whitened over every
+    rank) and returns, stored in ``b.extra`` with the critic's values; returns (per-token KL (B, R), non-score
+    reward per row (B,))."""
+    m = b.response_mask  # (B, R)
+    critic = D.unwrap(trainer.models["critic"])
+    with torch.no_grad(), trainer.autocast():
+        b.extra["values"] = chunked(b, micro_rows, lambda s: response_values(critic, s))  # (B, R)
+    kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], rl.kl_estimator) * m  # (B, R)
+    rewards, non_score = losses.rlhf_rewards(score, kl, m, beta)  # (B, R), (B,)
+    adv, returns = losses.gae(rewards, b.extra["values"], m, rl.gamma, rl.lam)  # (B, R) each
+    if rl.whiten_advantages:
+        mean, var = global_masked_moments(adv, m)
+        adv = losses.whiten(adv, m, mean=mean, var=var)
+    check_finite("the advantages", adv, step)
+    b.extra.update(advantages=adv, returns=returns)
+    return kl, non_score
+
+
+def summarise(res: dict) -> dict:
+    """A minibatch's global sums -> per-token means, and the gradient norms."""
+    n = max(res["count"], 1.0)
+    return {**{k: res[k] / n for k in PER_TOKEN if k in res}, **{k: v for k, v in res.items() if "grad_norm" in k}}
+
+
 def run(cfg: Config, out: str | Path) -> dict:
     rl, t_start = cfg.rl, time.time()
     if rl.algo != "ppo":
@@ -59,11 +93,7 @@ def run(cfg: Config, out: str | Path) -> dict:
     critic = build_critic(cfg, roles.actor, info.device)
     kl_ctl = make_kl_controller(rl.kl_coef, rl.kl_target, rl.kl_horizon)
     if info.is_main:
-        print_role_memory({"actor": roles.actor, "critic": critic, "reference": roles.ref,
-                           "reward": reward_module(roles.reward)}, trainable=("actor", "critic"))
-        print(f"ppo: {rl.prompts_per_step} prompts x {info.world_size} processes per rollout, {rl.max_new_tokens} "
-              f"new tokens, {rl.ppo_epochs} epochs x {rl.minibatches} minibatches; reward "
-              f"{rl.reward_model or rl.reward_fn}; beta {rl.kl_coef}" + (f" -> KL target {rl.kl_target}" if rl.kl_target else ""))
+        print_plan(rl, roles, critic, info.world_size)
     trainer = Trainer(cfg, out, {"actor": roles.actor, "critic": critic}, info,
                       lrs={"critic": rl.critic_lr or cfg.optim.lr}, state={"prompts": loader, "kl": kl_ctl},
                       model_cfg=roles.model_cfg)
@@ -85,31 +115,10 @@ def run(cfg: Config, out: str | Path) -> dict:
             stats["entropy"] = losses.masked_sum(ent, m)
         return pg + rl.vf_coef * vf, n, stats
 
-    def summarise(res: dict) -> dict:
-        """A minibatch's global sums -> per-token means, and the gradient norms."""
-        n = max(res["count"], 1.0)
-        return {**{k: res[k] / n for k in PER_TOKEN if k in res}, **{k: v for k, v in res.items() if "grad_norm" in k}}
-
-    def advantages(b: RolloutBatch, score: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
-        """Rewards (score at the last token - beta KL per token) -> GAE advantages (whitened) and returns, in b.extra;
-        returns the per-token KL (B, R)."""
-        m = b.response_mask  # (B, R)
-        with torch.no_grad(), trainer.autocast():
-            b.extra["values"] = chunked(b, MB, lambda s: response_values(D.unwrap(critic_net), s))  # (B, R)
-        kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], rl.kl_estimator) * m  # (B, R)
-        rewards, non_score = losses.rlhf_rewards(score, kl, m, kl_ctl.value)  # (B, R), (B,)
-        adv, returns = losses.gae(rewards, b.extra["values"], m, rl.gamma, rl.lam)  # (B, R) each
-        if rl.whiten_advantages:
-            mean, var = global_masked_moments(adv, m)
-            adv = losses.whiten(adv, m, mean=mean, var=var)
-        check_finite("the advantages", adv, step)
-        b.extra.update(advantages=adv, returns=returns)
-        return kl, non_score
-
     def step_fn(step: int) -> dict:
         r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank, micro_rows=MB)
         b, m, beta = r.batch, r.batch.response_mask, kl_ctl.value
-        kl, non_score = advantages(b, r.score, step)
+        kl, non_score = advantages(trainer, b, r.score, kl_ctl.value, rl, MB, step)
         n, kl_sum, ns_sum = global_sums(len(b), kl.sum(), non_score.sum())
         _, var_ret = global_masked_moments(b.extra["returns"], m)
         _, var_err = global_masked_moments(b.extra["returns"] - b.extra["values"], m)

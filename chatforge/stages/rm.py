@@ -85,6 +85,33 @@ def reward_norm(model: torch.nn.Module, data: PairData, n: int, pad_id: int) -> 
     return {"mean": r.mean().item(), "std": max(std, 1e-6), "n": len(r)}
 
 
+def held_out_rewards(trainer: Trainer, net: torch.nn.Module, data: PairData, pad_id: int,
+                     max_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) of every held-out pair (up to ``max_batches``), gathered from all ranks."""
+    info, rc, rr = trainer.info, [], []
+    for idx in eval_batches(pair_lengths(data.val), trainer.cfg.train.batch_size, info.rank, info.world_size,
+                            max_batches):
+        batch = collate_unique([data.val[j] for j in idx], pad_id).to(info.device)
+        with trainer.autocast():
+            c, r = pair_rewards(net, batch)
+        rc += c.float().cpu().tolist()
+        rr += r.float().cpu().tolist()
+    parts = D.all_gather_objects((rc, rr))
+    return (torch.tensor([x for p in parts for x in p[0]], dtype=torch.float64),
+            torch.tensor([x for p in parts for x in p[1]], dtype=torch.float64))
+
+
+def final_record(final: torch.nn.Module, data: PairData, cfg: Config, pad_id: int, result: dict) -> dict:
+    """reward_norm (PPO/GRPO read it), the calibration table and the held-out accuracy, for chatforge.json."""
+    norm = reward_norm(final, data, cfg.rm.norm_samples, pad_id)
+    last_eval = result.get("eval") or {}
+    extra = {"reward_norm": norm, "calibration": last_eval.get("calibration", [])}
+    if "val_accuracy" in last_eval:
+        extra["accuracy"] = last_eval["val_accuracy"]  # held-out preference accuracy (chance = 0.5)
+    print(f"rm: reward mean {norm['mean']:.4g} std {norm['std']:.4g} on {norm['n']} reference sequences")
+    return extra
+
+
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     if not cfg.model.init:
@@ -96,14 +123,13 @@ def run(cfg: Config, out: str | Path) -> dict:
     model = apply_lora(scalar_from_causal(policy, score_std=None), cfg.lora).to(info.device)
     del policy
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
-    step_pairs = B * A * W  # BucketBatcher always fills every micro-batch
-    lengths = pair_lengths(data.train)
     groups = [tuple(p.prompt) for p in data.train] if cfg.rm.group_by_prompt else None
-    batcher = BucketBatcher(lengths, B, A, seed=cfg.train.seed, rank=info.rank, world_size=W, groups=groups)
+    batcher = BucketBatcher(pair_lengths(data.train), B, A, seed=cfg.train.seed, rank=info.rank, world_size=W,
+                            groups=groups)
     if info.is_main:
         print(f"rm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data.train):,} train / {len(data.val):,} held-out pairs; "
-              f"batch {B} pairs x {A} accumulation x {W} processes = {step_pairs} pairs per step")
+              f"batch {B} pairs x {A} accumulation x {W} processes = {B * A * W} pairs per step")
     trainer = Trainer(cfg, out, {"model": model}, info, state={"data": batcher}, model_cfg=mcfg)
     net = trainer.models["model"]
     margin = cfg.rm.margin
@@ -124,21 +150,8 @@ def run(cfg: Config, out: str | Path) -> dict:
         return {"loss": res.pop("loss"), "accuracy": res.pop("correct") / n, "margin": res.pop("margin") / n,
                 "reward_mean": mean, "reward_std": math.sqrt(var), "tokens": res.pop("tokens"), **res}
 
-    def eval_rewards() -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_chosen, r_rejected) of every held-out pair (up to train.eval_batches), gathered from all ranks."""
-        rc, rr = [], []
-        for idx in eval_batches(pair_lengths(data.val), B, info.rank, W, cfg.train.eval_batches):
-            batch = collate_unique([data.val[j] for j in idx], tok.pad_id).to(info.device)
-            with trainer.autocast():
-                c, r = pair_rewards(net, batch)
-            rc += c.float().cpu().tolist()
-            rr += r.float().cpu().tolist()
-        parts = D.all_gather_objects((rc, rr))
-        return (torch.tensor([x for p in parts for x in p[0]], dtype=torch.float64),
-                torch.tensor([x for p in parts for x in p[1]], dtype=torch.float64))
-
     def eval_fn(step: int) -> dict:
-        r_c, r_r = eval_rewards()
+        r_c, r_r = held_out_rewards(trainer, net, data, tok.pad_id, cfg.train.eval_batches)
         if len(r_c) == 0:
             return {}
         table, ece = calibration_table(r_c, r_r, cfg.rm.calibration_bins)
@@ -149,16 +162,6 @@ def run(cfg: Config, out: str | Path) -> dict:
                 "val_reward_mean": r.mean().item(), "val_reward_std": r.std().item() if len(r) > 1 else 0.0,
                 "val_ece": ece, "val_pairs": len(r_c), "calibration": table}
 
-    def record(final: torch.nn.Module) -> dict:
-        """reward_norm (PPO/GRPO read it), the calibration table and the held-out accuracy, in chatforge.json."""
-        norm = reward_norm(final, data, cfg.rm.norm_samples, tok.pad_id)
-        last_eval = result.get("eval") or {}
-        extra = {"reward_norm": norm, "calibration": last_eval.get("calibration", [])}
-        if "val_accuracy" in last_eval:
-            extra["accuracy"] = last_eval["val_accuracy"]  # held-out preference accuracy (chance = 0.5)
-        print(f"rm: reward mean {norm['mean']:.4g} std {norm['std']:.4g} on {norm['n']} reference sequences")
-        return extra
-
     result = trainer.fit(step_fn, eval_fn if data.val else None, desc="rm")
     return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg), data=data.meta,
-                  on_final=record, shown=("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin"))
+                  on_final=lambda final: final_record(final, data, cfg, tok.pad_id, result), shown=("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin"))

@@ -50,6 +50,37 @@ def eval_prompt_set(cfg: Config, data, tok, block_size: int) -> list[tuple[str, 
     return out
 
 
+def print_plan(cfg: Config, model: torch.nn.Module, m: dict, expected_pad: float, T: int, W: int) -> None:
+    B, A = cfg.train.batch_size, cfg.train.grad_accum
+    print(f"sft: {model.num_params() / 1e6:.2f}M parameters from {cfg.model.init}; "
+          f"{m['train']['examples']:,} train / {m['val']['examples']:,} val conversations, "
+          f"{m['train_tokens']:,} train tokens ({m['train_response_tokens']:,} response)")
+    print(f"sft: overlong policy '{cfg.data.overlong}' (context {T}): {m['train']['truncated']} truncated, "
+          f"{m['train']['dropped_overlong'] + m['train']['dropped_no_response']} dropped; "
+          f"padding fraction with length bucketing {expected_pad:.3f}")
+    print(f"batch: {B} conversations x {A} accumulation x {W} processes = {B * A * W} per step")
+
+
+def write_samples(trainer: Trainer, net: torch.nn.Module, tok, prompts: list, cfg: Config, step: int) -> None:
+    """Greedy and sampled answers to the fixed prompts in metrics.jsonl (every rank generates: FSDP needs it)."""
+    if not prompts:
+        return
+    ids = [p for _, p in prompts]
+    gen = torch.Generator(device=trainer.info.device).manual_seed(cfg.train.seed)  # private: training RNG untouched
+    with D.gathered(net) as raw, trainer.autocast():  # FSDP: weights gathered once for the whole decode
+        greedy = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=0.0, stop_ids=[tok.end_id],
+                                      pad_id=tok.pad_id)
+        sampled = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=1.0, stop_ids=[tok.end_id],
+                                       pad_id=tok.pad_id, generator=gen)
+
+    def text(t: list[int]) -> str:
+        return tok.decode(t[:-1] if t and t[-1] == tok.end_id else t)
+
+    rows = [{"prompt": p, "greedy": text(g), "greedy_finished": gf, "sampled": text(s), "sampled_finished": sf}
+            for (p, _), g, gf, s, sf in zip(prompts, greedy.tokens, greedy.finished, sampled.tokens, sampled.finished)]
+    trainer.log.write({"kind": "samples", "step": step, "samples": rows})
+
+
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     if not cfg.model.init:
@@ -64,14 +95,7 @@ def run(cfg: Config, out: str | Path) -> dict:
     prompts = eval_prompt_set(cfg, data, tok, T)
     expected_pad = loader.expected_padding()
     if info.is_main:
-        m = data.meta
-        print(f"sft: {model.num_params() / 1e6:.2f}M parameters from {cfg.model.init}; "
-              f"{m['train']['examples']:,} train / {m['val']['examples']:,} val conversations, "
-              f"{m['train_tokens']:,} train tokens ({m['train_response_tokens']:,} response)")
-        print(f"sft: overlong policy '{cfg.data.overlong}' (context {T}): {m['train']['truncated']} truncated, "
-              f"{m['train']['dropped_overlong'] + m['train']['dropped_no_response']} dropped; "
-              f"padding fraction with length bucketing {expected_pad:.3f}")
-        print(f"batch: {B} conversations x {A} accumulation x {W} processes = {B * A * W} per step")
+        print_plan(cfg, model, data.meta, expected_pad, T, W)
     trainer = Trainer(cfg, out, {"model": model}, info, state={"data": loader},
                       flops_per_token=model.flops_per_token(), model_cfg=mcfg)
     net = trainer.models["model"]
@@ -87,26 +111,6 @@ def run(cfg: Config, out: str | Path) -> dict:
         return {"loss": res.pop("loss"), "tokens": tokens, "response_tokens": res.pop("count"),
                 "pad_frac": 1.0 - tokens / max(positions, 1.0), **res}
 
-    def samples(step: int) -> None:
-        """Greedy and sampled answers to the fixed prompts (every rank generates: FSDP needs it)."""
-        if not prompts:
-            return
-        ids = [p for _, p in prompts]
-        gen = torch.Generator(device=info.device).manual_seed(cfg.train.seed)  # private: training RNG untouched
-        with D.gathered(net) as raw, trainer.autocast():  # FSDP: weights gathered once for the whole decode
-            greedy = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=0.0, stop_ids=[tok.end_id],
-                                          pad_id=tok.pad_id)
-            sampled = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=1.0, stop_ids=[tok.end_id],
-                                           pad_id=tok.pad_id, generator=gen)
-
-        def text(t: list[int]) -> str:
-            return tok.decode(t[:-1] if t and t[-1] == tok.end_id else t)
-
-        rows = [{"prompt": p, "greedy": text(g), "greedy_finished": gf, "sampled": text(s), "sampled_finished": sf}
-                for (p, _), g, gf, s, sf in zip(prompts, greedy.tokens, greedy.finished, sampled.tokens,
-                                                sampled.finished)]
-        trainer.log.write({"kind": "samples", "step": step, "samples": rows})
-
     def eval_fn(step: int) -> dict:
         res = {}
         if data.val:
@@ -114,7 +118,7 @@ def run(cfg: Config, out: str | Path) -> dict:
             total, n = token_nll(net, batches, info.device, trainer.autocast)
             if n > 0:
                 res = {"val_loss": total / n, "val_response_tokens": n}
-        samples(step)
+        write_samples(trainer, net, tok, prompts, cfg, step)
         return res
 
     has_eval = bool(data.val) or bool(prompts)
