@@ -1,4 +1,9 @@
-"""Stage 1: pretrain a base model from scratch (or continue pretraining) on raw text."""
+"""Stage 1: pretrain a base model from scratch (or continue pretraining) on raw text.
+
+Next-token prediction on every token: a micro-step returns the summed cross-entropy of its windows and their
+token count, and the trainer divides by the step's global count. Eval: held-out loss and bits per byte.
+The tokenizer is the starting model's, ``tokenizer.path``, or trained here on the corpus.
+"""
 
 from __future__ import annotations
 
