@@ -134,6 +134,9 @@ class TrainConfig:
     """Show a progress bar."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    restart: bool = False
+    """Start over in --out: remove the run that is there (its checkpoint, metrics, weights, chatforge.json) instead
+    of resuming it (a run resumes only with the inputs its checkpoint was written for)."""
 
 
 @dataclass

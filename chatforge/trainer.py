@@ -252,6 +252,8 @@ class Trainer:
             if k in ckpt["state"]:
                 v.load_state_dict(ckpt["state"][k])
         self.step, self.elapsed = ckpt["step"], ckpt.get("elapsed", 0.0)
+        if self.info.is_main:
+            print(f"{self.cfg.stage}: resuming from step {self.step} ({self.out}/checkpoint)")
         rngs = ckpt["rng"]
         if self.info.rank < len(rngs):
             set_rng_state(rngs[self.info.rank])

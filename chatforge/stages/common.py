@@ -1,8 +1,15 @@
 """What every stage does around its own algorithm: the set-up before training and the one finish after it.
 
-    out, info = start(cfg, out)                       # --out checked, threads, seeds, process group
+    @stage_entry                                      # the --out rules below, before anything is built
+    def run(cfg, out): ...
+    out, info = start(cfg, out)                       # --out made, threads, seeds, process group
     ...build data, model, Trainer; result = trainer.fit(step_fn, eval_fn)...
     return finish(trainer, "model", cfg, tok, result, ...)   # model directory + chatforge.json, once
+
+``--out`` rules (:func:`stage_entry`): a folder holding another stage's run is refused; a checkpoint resumes
+only a run with the same inputs (chatforge.rundir.run_inputs; else one line names what changed and
+``--train.restart=true`` starts over); a finished run with the same inputs is left as it is; a run that fails
+in a folder it created before its first checkpoint removes that folder.
 
 A stage file (stages/<name>.py) holds only what is particular to its algorithm; contributors change a
 stage there, and the shared start/finish here.
@@ -10,7 +17,10 @@ stage there, and the shared start/finish here.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,16 +28,76 @@ from typing import Callable, Optional
 import torch
 
 from chatforge import distributed as D
-from chatforge.checkpoint import seed_all
+from chatforge.checkpoint import atomic_write_json, checkpoint_path, seed_all
 from chatforge.config import Config, ResolvedRun
 from chatforge.model.load import fresh_like
 from chatforge.metrics import read_metrics
 from chatforge.model.save import save_model_dir
 from chatforge.rl.prompts import PromptSet
 from chatforge.rl.roles import Roles
-from chatforge.rundir import check_out_dir, flatten_metrics, write_run_info
+from chatforge.rundir import (CHECKPOINT_DIR, INPUTS_FILE, OutDirError, check_out_dir, clear_run, flatten_metrics,
+                              input_changes, read_run_info, run_inputs, stage_of, write_run_info)
 from chatforge.tokenizer import ChatTokenizer
-from chatforge.trainer import Trainer
+from chatforge.trainer import Interrupted, Trainer
+
+StageRun = Callable[[Config, "str | Path"], dict]
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # before the process group exists
+
+
+def check_out(cfg: Config, out: Path) -> Optional[dict]:
+    """The --out rules before a run builds anything; returns the recorded metrics when ``out`` already holds this
+    run, finished (nothing to do), else None. Raises OutDirError (one line) for another stage's run or a run
+    for other inputs."""
+    if out.exists() and not out.is_dir():
+        raise OutDirError(f"--out {out} exists and is not a folder")
+    if not out.is_dir():
+        return None
+    if cfg.train.restart:
+        if _is_main():
+            clear_run(out)
+        return None
+    held = stage_of(out)
+    if held is not None and held != cfg.stage:
+        raise OutDirError(f"--out {out} holds a {held} run; give {cfg.stage} another --out")
+    now, info = run_inputs(cfg), read_run_info(out)
+    rec = out / CHECKPOINT_DIR / INPUTS_FILE
+    saved = json.loads(rec.read_text()) if rec.is_file() and checkpoint_path(out).is_file() else info.get("inputs")
+    changes = input_changes(saved, now) if saved is not None else []
+    if changes:
+        raise OutDirError(f"--out {out} holds a {cfg.stage} run for other inputs (changed: {'; '.join(changes)}); "
+                          f"start over there with --train.restart=true, or use another --out")
+    if info.get("stage") == cfg.stage and info.get("metrics", {}).get("steps") == cfg.train.max_steps:
+        return info["metrics"]
+    return None
+
+
+def stage_entry(run: StageRun) -> StageRun:
+    """Wrap a stage's ``run(cfg, out)`` with the --out rules (see the module docstring)."""
+
+    @functools.wraps(run)
+    def entry(cfg: Config, out: str | Path) -> dict:
+        out = Path(out)
+        done = check_out(cfg, out)
+        if done is not None:
+            print(f"{cfg.stage}: {out} holds this run, finished ({cfg.train.max_steps} steps); nothing to do "
+                  f"(--train.restart=true trains it again)")
+            return done
+        created = not out.exists()
+        if _is_main() and not checkpoint_path(out).is_file():  # a fresh start: record what this run trains on
+            atomic_write_json(out / CHECKPOINT_DIR / INPUTS_FILE, run_inputs(cfg))
+        try:
+            return run(cfg, out)
+        except Interrupted:
+            raise  # a checkpoint was saved: the same command resumes
+        except BaseException:
+            if created and _is_main() and not checkpoint_path(out).is_file():
+                shutil.rmtree(out, ignore_errors=True)  # nothing a later run could take for a result
+            raise
+
+    return entry
 
 
 def start(cfg: Config, out: str | Path) -> tuple[Path, D.DistInfo]:
@@ -63,7 +133,7 @@ def finish(trainer: Trainer, role: str, cfg: Config, tok: ChatTokenizer, result:
         more = on_final(final.eval()) if on_final else {}
         save_model_dir(final, out, resolved.model, tok)
         write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data=data, resolved=resolved,
-                       extra={**(extra or {}), **more})
+                       extra={**(extra or {}), **more, "inputs": run_inputs(cfg)})
         parts = [f"{k}={metrics[k]:.4g}" for k in shown if isinstance(metrics.get(k), (int, float))]
         print(f"{cfg.stage}: done in {time.time() - t_start:.0f}s; " + ", ".join(parts) + f"; model written to {out}")
     D.barrier()

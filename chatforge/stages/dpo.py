@@ -30,7 +30,7 @@ from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.pairs import PairBatch, TokenPair, collate_pairs, load_pair_data, pair_lengths
 from chatforge.model.load import load_causal_lm
 from chatforge.model.lora import apply_lora, reference_from
-from chatforge.stages.common import finish, start
+from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
 
 
@@ -118,6 +118,7 @@ def summary(acc: torch.Tensor, n_pairs: float, prefix: str = "") -> dict:
             f"{prefix}chosen_drift": acc[4].item() / max(acc[5].item(), 1.0)}
 
 
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     if not cfg.model.init:

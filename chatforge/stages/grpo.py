@@ -25,7 +25,7 @@ from chatforge.rl.roles import check_rl_config, load_roles, print_role_memory, r
 from chatforge.rl.rollout import RolloutBatch, collect, log_samples, response_logprobs, rollout_metrics
 from chatforge.rl.stats import global_sums
 from chatforge.rl.update import update_epochs
-from chatforge.stages.common import finish_rl, start
+from chatforge.stages.common import finish_rl, stage_entry, start
 from chatforge.trainer import Trainer
 
 PER_UNIT = ("policy_loss", "kl_loss")  # averaged as rl.loss_averaging says (per token or per sequence)
@@ -57,6 +57,7 @@ def summarise(res: dict) -> dict:
             **{k: v for k, v in res.items() if "grad_norm" in k}}
 
 
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     rl, t_start = cfg.rl, time.time()
     algo = resolve_algo(rl)

@@ -31,7 +31,7 @@ from chatforge.rl.rollout import (RolloutBatch, chunked, collect, log_samples, r
                                   rollout_metrics)
 from chatforge.rl.stats import check_finite, global_masked_moments, global_sums
 from chatforge.rl.update import update_epochs
-from chatforge.stages.common import finish_rl, start
+from chatforge.stages.common import finish_rl, stage_entry, start
 from chatforge.trainer import Trainer
 
 PER_TOKEN = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy")
@@ -80,6 +80,7 @@ def summarise(res: dict) -> dict:
     return {**{k: res[k] / n for k in PER_TOKEN if k in res}, **{k: v for k, v in res.items() if "grad_norm" in k}}
 
 
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     rl, t_start = cfg.rl, time.time()
     if rl.algo != "ppo":

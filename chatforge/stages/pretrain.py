@@ -20,7 +20,7 @@ from chatforge.data.pretrain import TokenLoader, build_token_data, corpus_files,
 from chatforge.evaluate import token_nll
 from chatforge.model.gpt import GPT
 from chatforge.model.load import load_causal_lm, load_tokenizer
-from chatforge.stages.common import finish, start
+from chatforge.stages.common import finish, stage_entry, start
 from chatforge.tokenizer import ChatTokenizer, train_tokenizer
 from chatforge.trainer import Trainer
 
@@ -59,6 +59,7 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device) -> tuple[tor
     return model.to(device), mcfg
 
 
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     out, info = start(cfg, out)

@@ -28,7 +28,7 @@ from chatforge.data.pairs import PairData, PairSequences, collate_unique, load_p
 from chatforge.model.heads import gather_last, score_sequences
 from chatforge.model.load import load_causal_lm, scalar_from_causal
 from chatforge.model.lora import apply_lora
-from chatforge.stages.common import finish, start
+from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
 
 
@@ -112,6 +112,7 @@ def final_record(final: torch.nn.Module, data: PairData, cfg: Config, pad_id: in
     return extra
 
 
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     if not cfg.model.init:

@@ -25,7 +25,7 @@ from chatforge.engine import Engine
 from chatforge.evaluate import token_nll
 from chatforge.model.load import load_causal_lm
 from chatforge.model.lora import apply_lora
-from chatforge.stages.common import finish, start
+from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
 
 
@@ -81,6 +81,7 @@ def write_samples(trainer: Trainer, net: torch.nn.Module, tok, prompts: list, cf
     trainer.log.write({"kind": "samples", "step": step, "samples": rows})
 
 
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     if not cfg.model.init:
