@@ -32,7 +32,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def micro_cfg(corpus: Path, *extra: str):
-    return load_config("pretrain", MICRO, [f"data.path=[{corpus}]", *extra])
+    return load_config("pretrain", MICRO, [f"data.path=[{corpus}]", "train.device=cpu", *extra])  # golden: CPU
 
 
 def losses_of(out: Path, kind: str = "train", key: str = "loss") -> list[float]:

@@ -68,7 +68,7 @@ def test_ppo_update_is_micro_batch_invariant(monkeypatch, tmp_path, world):
     def make_cfg(mb: str):
         return load_config("ppo", MICRO, rl_overrides(world, 2, "rl.prompts_per_step=6", "rl.minibatches=2",
                                                       "rl.ppo_epochs=2", "rl.kl_coef=0.2",
-                                                      "rl.missing_eos_penalty=null", mb))
+                                                      "rl.missing_eos_penalty=null", "train.device=cpu", mb))
 
     one, split, _ = run_twice(monkeypatch, tmp_path, ppo.run, make_cfg)
     assert len(one) == 2 * 2 * 2  # 2 steps x 2 epochs x 2 minibatches
@@ -85,7 +85,7 @@ def test_grpo_update_is_micro_batch_invariant(monkeypatch, tmp_path, world, algo
         return load_config("grpo", MICRO, rl_overrides(world, 2, f"rl.algo={algo}", "rl.prompts_per_step=3",
                                                        "rl.group_size=3", "rl.minibatches=2", "rl.ppo_epochs=2",
                                                        "rl.grpo_kl_coef=0.1", f"rl.loss_averaging={averaging}",
-                                                       "rl.missing_eos_penalty=null", mb))
+                                                       "rl.missing_eos_penalty=null", "train.device=cpu", mb))
 
     one, split, _ = run_twice(monkeypatch, tmp_path, grpo.run, make_cfg)
     assert len(one) == 2 * 2 * 2
