@@ -140,20 +140,18 @@ class Trainer:
         global count (times the world size: DDP/FSDP average gradients over ranks), then clipped and stepped.
         Returns ``{"loss": global loss sum / global count, "count": global count, **global sums, **grad norms}``.
         """
-        loss_total = torch.zeros((), device=self.info.device)
-        count, sums = 0.0, defaultdict(float)
+        sums: dict[str, Any] = defaultdict(float)  # float64 device tensors or numbers: no sync per micro-batch
         n = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             with self.micro(last=i == n - 1):
                 loss_sum, c, stats = micro_step(batch)
             loss_sum.backward()
-            loss_total += loss_sum.detach().float()
-            count += float(c)
-            for k, v in stats.items():
-                sums[k] += float(v.detach()) if torch.is_tensor(v) else float(v)
-        keys = sorted(sums)
-        totals = D.all_reduce_sum(torch.tensor([loss_total.item(), count, *[sums[k] for k in keys]],
-                                               dtype=torch.float64)).tolist()
+            for k, v in (("_loss", loss_sum), ("_count", c), *stats.items()):
+                sums[k] = sums[k] + (v.detach().double() if torch.is_tensor(v) else float(v))
+        keys = ["_loss", "_count"] + sorted(k for k in sums if not k.startswith("_"))
+        local = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.info.device) for k in keys])
+        totals = D.all_reduce_sum(local.cpu()).tolist()  # one transfer, one all-reduce per optimizer step
+        keys = keys[2:]
         global_count = max(totals[1], 1.0)
         self._scale_grads(self.info.world_size / global_count)
         return {"loss": totals[0] / global_count, "count": totals[1], **dict(zip(keys, totals[2:])),
