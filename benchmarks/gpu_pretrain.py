@@ -23,13 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from chatforge import distributed as D  # noqa: E402
 from chatforge import losses  # noqa: E402
 from chatforge.config import load_config  # noqa: E402
 from chatforge.data.pretrain import TokenLoader, build_token_data  # noqa: E402
 from chatforge.metrics import read_metrics  # noqa: E402
 from chatforge.model.gpt import GPT  # noqa: E402
-from chatforge.stages.common import check_out_dir, setup  # noqa: E402
+from chatforge.stages.common import start  # noqa: E402
 from chatforge.tokenizer import ChatTokenizer  # noqa: E402
 from chatforge.trainer import Trainer  # noqa: E402
 
@@ -63,8 +62,7 @@ def main() -> None:
         f"train.batch_size={args.batch_size}", f"train.grad_accum={args.grad_accum}", f"train.dtype={'bf16' if on_gpu else 'fp32'}",
         f"train.compile={str(not args.no_compile).lower()}", "train.log_every=1", "train.eval_every=0",
         "train.ckpt_every=0", "train.progress=false", f"train.device={args.device}"])
-    out = check_out_dir(Path(args.out))
-    info = setup(cfg)
+    out, info = start(cfg, args.out)
     if on_gpu and info.device.type != "cuda":
         raise SystemExit("error: no CUDA device (torch.cuda.is_available() is False)")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -86,17 +84,14 @@ def main() -> None:
     trainer = Trainer(cfg, out, {"model": model}, info, state={"data": loader}, flops_per_token=model.flops_per_token())
     net = trainer.models["model"]
 
-    def step_fn(step: int) -> dict:  # the pretrain stage's step function
-        total = torch.zeros((), device=info.device)
-        for i, (x, y) in enumerate(loader.next(A)):
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            with trainer.micro(last=i == A - 1):
-                loss_sum, _ = losses.lm_loss(net(x), y)
-            trainer.backward(loss_sum * trainer.grad_scale() / step_tokens)
-            total += loss_sum.detach().float()
-        stats = trainer.optimizer_step()
-        loss = D.all_reduce_sum(total).item() / step_tokens  # .item() syncs: step_s is real GPU time
-        return {"loss": loss, "tokens": step_tokens, **stats}
+    def micro_step(xy):  # the pretrain stage's micro-step
+        x, y = (t.to(info.device, non_blocking=True) for t in xy)
+        loss_sum, _ = losses.lm_loss(net(x), y)
+        return loss_sum, y.numel(), {}
+
+    def step_fn(step: int) -> dict:  # the pretrain stage's step function (the loss .item() syncs: real GPU time)
+        res = trainer.accumulate(loader.next(A), micro_step)
+        return {"loss": res.pop("loss"), "tokens": res.pop("count"), **res}
 
     t0 = time.time()
     trainer.fit(step_fn, None, desc="bench124m")

@@ -83,16 +83,15 @@ def bench_chatforge(shape: dict, variant: str, tokens: np.ndarray, warmup: int, 
                           flops_per_token=model.flops_per_token())
         net, step_tokens = trainer.models["model"], B * T
 
+        def micro_step(xy):  # == stages/pretrain.py micro_step
+            x, y = xy
+            loss_sum, _ = losses.lm_loss(net(x), y)
+            return loss_sum, y.numel(), {}
+
         def step_fn(step: int) -> dict:  # == stages/pretrain.py step_fn with grad_accum 1, world 1
             stamps.append(time.perf_counter())
-            total = torch.zeros(())
-            for i, (x, y) in enumerate(loader.next(1)):
-                with trainer.micro(last=True):
-                    loss_sum, _ = losses.lm_loss(net(x), y)
-                trainer.backward(loss_sum * trainer.grad_scale() / step_tokens)
-                total += loss_sum.detach().float()
-            stats = trainer.optimizer_step()
-            return {"loss": total.item() / step_tokens, "tokens": step_tokens, **stats}
+            res = trainer.accumulate(loader.next(1), micro_step)
+            return {"loss": res.pop("loss"), "tokens": res.pop("count"), **res}
 
         t0 = time.perf_counter()
         trainer.fit(step_fn)

@@ -70,6 +70,13 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         raise
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device): the one seed helper of every stage and test."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """The RNG states of Python, NumPy, torch (CPU) and CUDA of this process."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -104,3 +111,27 @@ def load_checkpoint(out: Path) -> Optional[dict[str, Any]]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise CheckpointError(f"{path}: cannot read the checkpoint ({e}); remove it to start over") from None
+
+
+def world_change_note(ckpt: dict[str, Any], train_cfg: Any, world_size: int) -> Optional[str]:
+    """What to tell when a checkpoint resumes under another world size or global batch (None: nothing changed).
+
+    Pretraining's TokenLoader and the BucketBatcher draw whole global batches of
+    batch_size x grad_accum x world_size examples and slice them by rank, so a resume whose
+    global batch is unchanged (e.g. 2 ranks x accum 1 -> 1 rank x accum 2) continues the
+    exact data order; another global batch continues with valid but different batches.
+    """
+    saved_w = int(ckpt.get("world_size", 1))
+    saved_train = ckpt.get("config", {}).get("train", {})
+    tc, W = train_cfg, world_size
+    saved_g = saved_train.get("batch_size", tc.batch_size) * saved_train.get("grad_accum", tc.grad_accum) * saved_w
+    now_g = tc.batch_size * tc.grad_accum * W
+    if saved_w == W and saved_g == now_g:
+        return None
+    if saved_g == now_g:
+        return (f"resume: checkpoint of {saved_w} processes resumed on {W}; the global batch "
+                f"({now_g} = batch_size x grad_accum x processes) is unchanged, so the data order continues exactly")
+    return (f"resume: warning: the global batch changed from {saved_g} to {now_g} "
+            f"(batch_size x grad_accum x processes; {saved_w} -> {W} processes); training continues "
+            f"but the batches differ from an uninterrupted run. Keep batch_size x grad_accum x processes "
+            f"equal for an exact resume")

@@ -136,6 +136,9 @@ class TrainConfig:
     """Show a progress bar."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    restart: bool = False
+    """Start over in --out: remove the run that is there (its checkpoint, metrics, weights, chatforge.json) instead
+    of resuming it (a run resumes only with the inputs its checkpoint was written for)."""
 
 
 @dataclass
@@ -372,6 +375,17 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class ResolvedRun:
+    """What a stage decided from its inputs, kept apart from its (read-only) config and recorded in
+    chatforge.json under ``resolved``."""
+
+    model: ModelConfig
+    """The trained model's real shape (a starting model's own, for every stage but a fresh pretraining)."""
+    algo: Optional[str] = None
+    """The RL algorithm run (grpo/rloo stage: rl.algo, 'grpo' unless told 'rloo')."""
 
 
 CHOICES = {

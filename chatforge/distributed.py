@@ -142,36 +142,6 @@ def all_gather_objects(obj):
     return out
 
 
-def global_mean_var(x: torch.Tensor, mask: Optional[torch.Tensor] = None, unbiased: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of the entries of ``x`` where ``mask`` == 1, over ALL ranks (scalars).
-
-    x, mask: any shape (mask None = every entry). One all-reduce of (count, sum, sum of squares)
-    in float64, so whitening with these (``losses.whiten(x, mask, mean=m, var=v)``) gives every
-    rank the statistics of the global batch; in one process they equal ``masked_mean``/``masked_var``.
-    """
-    xf = x.detach().double()
-    m = torch.ones_like(xf) if mask is None else mask.detach().to(xf.dtype)
-    stats = torch.stack([m.sum(), (xf * m).sum(), (xf * xf * m).sum()])  # (3,)
-    n, s, ss = all_reduce_sum(stats).tolist()
-    if n == 0 or (unbiased and n == 1):
-        raise ValueError(f"chatforge.distributed.global_mean_var: need at least {2 if unbiased else 1} "
-                         f"masked entries over all ranks, got {int(n)}")
-    mean = s / n
-    var = max(ss / n - mean * mean, 0.0)
-    if unbiased:
-        var = var * n / (n - 1)
-    return torch.tensor(mean, dtype=x.dtype, device=x.device), torch.tensor(var, dtype=x.dtype, device=x.device)
-
-
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def wrap(model: nn.Module, info: DistInfo, strategy: str, mixed_bf16: bool = False) -> nn.Module:
     """Wrap a trainable model for data parallelism: DDP, or FSDP2 ``fully_shard`` per block.
 

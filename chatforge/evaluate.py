@@ -10,6 +10,10 @@ response text only. Generation goes through the Engine in batches.
                                                            <dir>/chatforge.json, answers in eval_samples.jsonl
     rm_scores(rm_dir, prompts, responses) -> list[float]   reward-model scores of (prompt, response) texts
     rm_eval_dir(rm_dir, pairs) -> dict                     accuracy vs noise-free gold labels + calibration
+    token_nll(model, batches, device, autocast) -> (sum, n) held-out token loss over every rank (pretrain, SFT)
+
+Run-directory records (chatforge.json, digests) are chatforge.rundir's; the names above are re-exported for
+the callers that read them here.
 """
 
 from __future__ import annotations
@@ -23,11 +27,17 @@ from typing import Optional, Sequence
 
 import torch
 
+from chatforge import distributed as D
+from chatforge import losses
 from chatforge.checkpoint import atomic_write_json, atomic_write_text
+from chatforge.demo.judge import JUDGE_VERSION, gold_breakdown, gold_score
 from chatforge.engine import Engine
+from chatforge.metrics import read_metrics
+from chatforge.model.heads import score_sequences
+from chatforge.model.load import load_causal_lm, load_scalar_model
+from chatforge.rundir import RUN_INFO, file_digest, model_digest, read_run_info, update_run_info  # noqa: F401
 from chatforge.tokenizer import ChatTokenizer, render_conversation, render_prompt
 
-RUN_INFO = "chatforge.json"
 EVAL_SAMPLES = "eval_samples.jsonl"
 
 
@@ -110,34 +120,6 @@ def generate(model: torch.nn.Module, tok: ChatTokenizer, prompts: Sequence[str |
     return Answers(texts, finished, lengths)
 
 
-# ----------------------------------------------------------------------------------------- run-info updates
-def read_run_info(model_dir: str | Path) -> dict:
-    p = Path(model_dir) / RUN_INFO
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
-def update_run_info(model_dir: str | Path, **fields) -> dict:
-    """Merge ``fields`` into ``<dir>/chatforge.json`` (atomic rewrite)."""
-    info = read_run_info(model_dir)
-    new = {**info, **json.loads(json.dumps(fields, default=str))}
-    if new != info:  # unchanged files keep their mtime (a rerun that changes nothing writes nothing)
-        atomic_write_json(Path(model_dir) / RUN_INFO, new)
-    return new
-
-
-def file_digest(path: str | Path, n: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:n]
-
-
-def model_digest(model_dir: str | Path) -> str:
-    """Fingerprint of a model directory's weights (model.safetensors)."""
-    return file_digest(Path(model_dir) / "model.safetensors")
-
-
 # ---------------------------------------------------------------------------------------------- gold scores
 def gold_eval_dir(model_dir: str | Path, prompts: Sequence[str], *, max_new_tokens: int = 48, seed: int = 0,
                   batch_size: int = 100, device: str = "cpu", force: bool = False) -> dict:
@@ -147,9 +129,6 @@ def gold_eval_dir(model_dir: str | Path, prompts: Sequence[str], *, max_new_toke
     in ``<dir>/chatforge.json`` and writes every answer with its scores to ``<dir>/eval_samples.jsonl``.
     Skipped (the recorded result returned) when the weights, prompts and settings are unchanged.
     """
-    from chatforge.demo.judge import JUDGE_VERSION, gold_breakdown
-    from chatforge.model.load import load_causal_lm
-
     model_dir = Path(model_dir)
     fp = hashlib.sha256(json.dumps([model_digest(model_dir), list(prompts), max_new_tokens, seed,
                                     JUDGE_VERSION]).encode()).hexdigest()[:16]
@@ -207,22 +186,28 @@ def rm_scores(model: torch.nn.Module, tok: ChatTokenizer, prompts: Sequence[str 
               responses: Sequence[str], batch_size: int = 64) -> list[float]:
     """Reward-model scores of (prompt, response) texts: the score at the final <|end|> of the rendered
     conversation (right-padded batches, read at each row's last real token)."""
-    from chatforge.data.batching import pad
-    from chatforge.model.heads import gather_last
-
     model.eval()
-    device = next(model.parameters()).device
     block = getattr(getattr(model, "cfg", None), "block_size", None)
-    out: list[float] = []
-    for i in range(0, len(responses), batch_size):
-        seqs = []
-        for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size]):
-            ids, _ = render_conversation(tok, user_messages(p) + [{"role": "assistant", "content": r}])
-            seqs.append(ids[-block:] if block else ids)
-        idx = pad(seqs, tok.pad_id, "right").to(device)  # (B, T)
-        mask = pad([[1] * len(s) for s in seqs], 0, "right").to(device)  # (B, T)
-        out += gather_last(model(idx, attention_mask=mask), mask).float().tolist()
-    return out
+    seqs = []
+    for p, r in zip(prompts, responses):
+        ids, _ = render_conversation(tok, user_messages(p) + [{"role": "assistant", "content": r}])
+        seqs.append(ids[-block:] if block else ids)
+    return score_sequences(model, seqs, tok.pad_id, batch_size).tolist()
+
+
+@torch.no_grad()
+def token_nll(model: torch.nn.Module, batches, device: torch.device, autocast) -> tuple[float, float]:
+    """(sum of token losses, token count) of held-out batches, added over every rank (collective).
+
+    ``batches``: tuples (x, y) or (x, y, loss_mask) of (B, T) tensors; ``autocast()``: the training precision."""
+    nll = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, token count)
+    for batch in batches:
+        x, *rest = (t.to(device) for t in batch)
+        with autocast():
+            loss_sum, n = losses.lm_loss(model(x), *rest)
+        nll += torch.tensor([loss_sum.item(), float(n)], dtype=torch.float64)
+    total, count = D.all_reduce_sum(nll).tolist()
+    return total, count
 
 
 def calibration(probs: Sequence[float], correct: Sequence[bool], bins: int = 10) -> list[dict]:
@@ -246,8 +231,6 @@ def rm_eval_dir(rm_dir: str | Path, pairs: Sequence[dict], *, batch_size: int = 
     Accuracy is also broken down by the pairs' optional "kind" (the pipeline writes what tells the two answers
     apart: style, content or both) and "gold_gap" (the judge's score difference).
     """
-    from chatforge.model.load import load_scalar_model
-
     if not pairs:
         raise ValueError(f"{rm_dir}: no held-out pairs to evaluate the reward model on")
     model, _, tok = load_scalar_model(rm_dir, device)
@@ -293,9 +276,6 @@ def ppo_monitor(ppo_dir: str | Path, sft_dir: Optional[str | Path] = None, bins:
     is over-optimisation. When ``sft_dir`` has been gold-evaluated, a KL = 0 point anchors the gold curve.
     Written to ``<ppo>/kl_monitor.json`` and chatforge.json ("kl_monitor").
     """
-    from chatforge.demo.judge import gold_score
-    from chatforge.metrics import read_metrics
-
     rows = read_metrics(Path(ppo_dir))
     train = {r["step"]: r for r in rows if r.get("kind") == "train" and isinstance(r.get("kl"), (int, float))}
     samples = [(r["step"], s) for r in rows if r.get("kind") == "samples" for s in r.get("samples", [])]

@@ -284,7 +284,8 @@ def ppo_policy_loss(
 
     logp, old_logp, advantages, mask (B, T) -> (loss scalar, stats).
     reduction="token": mean over all masked tokens; "sequence": mean over sequences of each one's token mean
-    (GRPO/RLOO). Stats (detached, token means over the mask): clipfrac = fraction of tokens where the clipped
+    (GRPO/RLOO); "token_sum" and "sequence_sum": the same sums before the division by the number of tokens or
+    sequences (a micro-batch's share, which the trainer divides by the global count). Stats (detached, token means over the mask): clipfrac = fraction of tokens where the clipped
     term is the active one; approx_kl = k3 estimate of KL(old || new), mean of (ratio - 1) - log ratio;
     ratio = mean ratio.
     """
@@ -298,8 +299,13 @@ def ppo_policy_loss(
         loss = masked_mean(pg_loss_max, mask)
     elif reduction == "sequence":
         loss = masked_mean(pg_loss_max, mask, dim=1).mean()
+    elif reduction == "token_sum":
+        loss = masked_sum(pg_loss_max, mask)
+    elif reduction == "sequence_sum":
+        loss = masked_mean(pg_loss_max, mask, dim=1).sum()
     else:
-        raise ValueError(f"chatforge.losses.ppo_policy_loss: reduction must be 'token' or 'sequence', got {reduction!r}")
+        raise ValueError(f"chatforge.losses.ppo_policy_loss: reduction must be 'token', 'sequence', 'token_sum' or "
+                         f"'sequence_sum', got {reduction!r}")
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),
@@ -310,9 +316,10 @@ def ppo_policy_loss(
 
 
 def ppo_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float = 0.2
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float = 0.2, reduction: str = "mean"
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss 0.5 * mean(max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)) over the mask.
+    """Clipped value loss 0.5 * mean(max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)) over the mask
+    (``reduction="sum"``: the sum over the mask instead of the mean).
 
     values, old_values, returns, mask (B, T) -> (loss scalar, stats with vf_clipfrac = fraction of tokens
     where the clipped term is the larger one).
@@ -321,15 +328,10 @@ def ppo_value_loss(
     values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # (B, T)
     vf_losses = (values - returns) ** 2  # (B, T)
     vf_losses_clipped = (values_clipped - returns) ** 2  # (B, T)
-    loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"chatforge.losses.ppo_value_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    reduce = masked_mean if reduction == "mean" else masked_sum
+    loss = 0.5 * reduce(torch.max(vf_losses, vf_losses_clipped), mask)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((vf_losses_clipped > vf_losses).float(), mask)}
     return loss, stats
-
-
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """1 - Var(returns - values) / Var(returns) over the mask (scalar; 1 = perfect, <= 0 = no better than
-    the mean; NaN when the returns are constant). values, returns, mask (B, T)."""
-    _check_shapes("explained_variance", values=values, returns=returns, mask=mask)
-    with torch.no_grad():
-        return 1 - masked_var(returns - values, mask, unbiased=False) / masked_var(returns, mask, unbiased=False)

@@ -42,7 +42,7 @@ from chatforge.checkpoint import atomic_write_json, atomic_write_text
 from chatforge.config import STAGES as CONFIG_STAGES
 from chatforge.config import (PIPELINE_SECTIONS, Config, ConfigError, DemoConfig, PipelineConfig, load_config,
                               load_pipeline_config, to_dict)
-from chatforge.evaluate import file_digest, model_digest, read_run_info, update_run_info
+from chatforge.rundir import file_digest, model_digest, read_run_info, update_run_info
 
 TRAIN_STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
 DIRS = {"pretrain": "base", "sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
@@ -52,7 +52,7 @@ UPSTREAM = {"data": [], "tokenizer": ["data"], "pretrain": ["tokenizer"], "sft":
             "eval": ["pretrain", "sft", "rm", "ppo", "dpo", "grpo"], "report": ["eval"]}
 ALIASES = {"base": "pretrain", "comparisons": "pairs"}
 PIPELINE_FILE = "pipeline.json"
-VOLATILE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("model", "init"), ("tokenizer", "path"), ("data", "path"),
+VOLATILE = {("train", "progress"), ("train", "restart"), ("train", "threads"), ("train", "device"), ("model", "init"), ("tokenizer", "path"), ("data", "path"),
             ("data", "val_path"), ("rl", "reward_model")}
 EXIT_WAITING = 3  # `chatforge pipeline` stopped to wait for people's rankings
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from chatforge.checkpoint import atomic_write_text
+from chatforge.errors import UserInputError
 from chatforge.metrics import read_metrics, series
 
 STAGE_DIRS = [("pretrain", "base"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("dpo", "dpo"), ("grpo", "grpo")]
@@ -28,7 +29,7 @@ STAGE_ORDER = [s for s, _ in STAGE_DIRS]
 N_SIDE_BY_SIDE = 8
 
 
-class ReportError(ValueError):
+class ReportError(UserInputError):
     """The folder is not something a report card can be built from."""
 
 

@@ -2,19 +2,23 @@
 
 A stage hands the :class:`Trainer` its trainable models and a *step function*; the trainer
 owns everything around it: optimizers (AdamW, one per model), the warmup + cosine learning
-rate, autocast, DDP/FSDP wrapping, gradient clipping, evaluation, logging to
-``metrics.jsonl``, the progress bar, and atomic checkpoints with exact resume (also on
-SIGINT/SIGTERM). A step function does one optimizer step's work::
+rate, autocast, DDP/FSDP wrapping, the global normalisation of the loss, gradient clipping,
+evaluation, logging to ``metrics.jsonl``, the progress bar, and atomic checkpoints with exact
+resume (also on SIGINT/SIGTERM). A step function does one optimizer step's work::
+
+    def micro_step(batch) -> tuple[Tensor, count, dict]:
+        loss_sum = ...                     # the loss SUMMED over this micro-batch's tokens / pairs / sequences
+        return loss_sum, n_units, {"correct": ...}   # statistics summed the same way
 
     def step_fn(step: int) -> dict:
-        for i, batch in enumerate(micro_batches):
-            with trainer.micro(last=i == len(micro_batches) - 1):
-                loss = ...
-            trainer.backward(loss)
-        stats = trainer.optimizer_step()
-        return {"loss": ..., "tokens": ..., **stats}
+        res = trainer.accumulate(loader.next(), micro_step)   # backward per micro-batch, one optimizer step
+        return {"loss": res["loss"], ...}
 
-PPO-style stages call ``optimizer_step`` several times inside one step (epochs x minibatches).
+:meth:`Trainer.accumulate` adds every rank's counts and sums in one all-reduce per optimizer step and
+divides the gradients by the global count (as torchtitan does with its global valid-token count), so
+micro-batching, accumulation and data parallelism give the gradient of one big batch; no stage scales
+its loss by hand. PPO-style stages call ``accumulate`` several times inside one step (epochs x minibatches).
+Contributors: the loop's cadence and resume live here; what a stage computes lives in chatforge/stages/.
 """
 
 from __future__ import annotations
@@ -24,18 +28,23 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from collections import defaultdict
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from chatforge import distributed as D
 from chatforge.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from chatforge.config import Config, OptimConfig, to_dict
+from chatforge.config import Config, to_dict
 from chatforge.errors import ChatforgeError
+from chatforge.checkpoint import (seed_all, world_change_note)
+from chatforge.config import ModelConfig
 from chatforge.metrics import MetricsLog
+from chatforge.optim import lr_multiplier, make_optimizer
 
 StepFn = Callable[[int], dict]
+MicroStep = Callable[[Any], tuple[torch.Tensor, Any, dict]]
 EvalFn = Callable[[int], dict]
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. Unknown devices (CPUs) report no MFU.
@@ -50,49 +59,6 @@ class Interrupted(ChatforgeError, RuntimeError):
     """SIGINT/SIGTERM: a checkpoint was saved; the same command resumes."""
 
     exit_code = 130  # as a shell reports a process ended by SIGINT
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def lr_multiplier(step: int, oc: OptimConfig, max_steps: int) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` (or flat for 'constant')."""
-    if step < oc.warmup_steps:
-        return (step + 1) / oc.warmup_steps
-    if oc.schedule == "constant":
-        return 1.0
-    decay = oc.decay_steps or max_steps
-    if step >= decay:
-        return oc.min_lr_ratio
-    progress = (step - oc.warmup_steps) / max(1, decay - oc.warmup_steps)
-    return oc.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - oc.min_lr_ratio)
-
-
-def make_optimizer(model: nn.Module, lr: float, oc: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weight matrices only (not on norms, biases or embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    fused = oc.fused and device.type in ("cuda", "cpu")
-    try:
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, fused=fused)
-    except (RuntimeError, TypeError):  # fused kernel unavailable for these tensors
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
-    for g in opt.param_groups:
-        g["base_lr"] = lr
-    return opt
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
@@ -122,11 +88,14 @@ class Trainer:
         lrs: Optional[dict[str, float]] = None,
         state: Optional[dict[str, Any]] = None,
         flops_per_token: float = 0.0,
+        model_cfg: Optional[ModelConfig] = None,
     ):
         """``models``: the trainable modules by role (already on ``info.device``); ``lrs``: per-role
         peak learning rates (default optim.lr); ``state``: extra objects with
-        ``state_dict``/``load_state_dict`` saved in checkpoints (data loaders, KL controllers)."""
+        ``state_dict``/``load_state_dict`` saved in checkpoints (data loaders, KL controllers); ``model_cfg``: the
+        trained model's shape when it is not cfg.model's (a starting model's own), checked on resume."""
         self.cfg, self.out, self.info = cfg, Path(out), info
+        self.model_cfg = model_cfg or cfg.model
         self.raw = dict(models)
         self.amp_dtype = autocast_dtype(cfg.train.dtype, info.device)
         self.models: dict[str, nn.Module] = {}
@@ -155,36 +124,53 @@ class Trainer:
         return torch.autocast(device_type=self.info.device.type, dtype=self.amp_dtype)
 
     @contextlib.contextmanager
-    def micro(self, last: bool = True, names: Optional[list[str]] = None):
+    def micro(self, last: bool = True):
         """Context of one micro-batch forward: autocast, and DDP gradient sync only on the last one."""
         with contextlib.ExitStack() as stack:
-            if not last:
-                for name in names or list(self.models):
-                    m = self.models[name]
-                    if isinstance(m, nn.parallel.DistributedDataParallel):
-                        stack.enter_context(m.no_sync())
-                    elif hasattr(m, "set_requires_gradient_sync"):  # FSDP2
-                        m.set_requires_gradient_sync(False)
-            elif self.cfg.dist.strategy == "fsdp":
-                for name in names or list(self.models):
-                    m = self.models[name]
-                    if hasattr(m, "set_requires_gradient_sync"):
-                        m.set_requires_gradient_sync(True)
+            for m in self.models.values():
+                if not last and isinstance(m, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(m.no_sync())
+                elif hasattr(m, "set_requires_gradient_sync") and (not last or self.cfg.dist.strategy == "fsdp"):
+                    m.set_requires_gradient_sync(last)  # FSDP2
             stack.enter_context(self.autocast())
             yield
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def accumulate(self, micro_batches: Sequence, micro_step: MicroStep) -> dict[str, float]:
+        """One optimizer step over this rank's ``micro_batches``: forward and backward each, then the step.
 
-    def grad_scale(self) -> float:
-        """Multiply a loss normalised by a global count by this, since DDP/FSDP average gradients over ranks."""
-        return float(self.info.world_size)
+        ``micro_step(batch)`` runs under :meth:`micro` and returns ``(loss_sum, count, sums)``: the loss summed
+        over the micro-batch's units (tokens, pairs or sequences), their number, and statistics summed the same
+        way. The counts and sums of every rank are added in ONE all-reduce; the gradients are divided by the
+        global count (times the world size: DDP/FSDP average gradients over ranks), then clipped and stepped.
+        Returns ``{"loss": global loss sum / global count, "count": global count, **global sums, **grad norms}``.
+        """
+        sums: dict[str, Any] = defaultdict(float)  # float64 device tensors or numbers: no sync per micro-batch
+        n = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            with self.micro(last=i == n - 1):
+                loss_sum, c, stats = micro_step(batch)
+            loss_sum.backward()
+            for k, v in (("_loss", loss_sum), ("_count", c), *stats.items()):
+                sums[k] = sums[k] + (v.detach().double() if torch.is_tensor(v) else float(v))
+        keys = ["_loss", "_count"] + sorted(k for k in sums if not k.startswith("_"))
+        local = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.info.device) for k in keys])
+        totals = D.all_reduce_sum(local.cpu()).tolist()  # one transfer, one all-reduce per optimizer step
+        keys = keys[2:]
+        global_count = max(totals[1], 1.0)
+        self._scale_grads(self.info.world_size / global_count)
+        return {"loss": totals[0] / global_count, "count": totals[1], **dict(zip(keys, totals[2:])),
+                **self.optimizer_step()}
 
-    def optimizer_step(self, names: Optional[list[str]] = None) -> dict[str, float]:
-        """Clip, step and zero the named optimizers (all by default); returns their gradient norms."""
+    def _scale_grads(self, factor: float) -> None:
+        for m in self.models.values():
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step and zero every optimizer; returns their gradient norms (before clipping)."""
         stats = {}
-        for name in names or list(self.optimizers):
-            opt = self.optimizers[name]
+        for name, opt in self.optimizers.items():
             params = [p for g in opt.param_groups for p in g["params"]]
             if self.cfg.optim.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
@@ -235,6 +221,7 @@ class Trainer:
                     "rng": rngs,
                     "state": {k: v.state_dict() for k, v in self.state.items()},
                     "config": to_dict(self.cfg),
+                    "model_config": to_dict(self.model_cfg),
                     "world_size": self.info.world_size,
                 },
             )
@@ -248,8 +235,8 @@ class Trainer:
                 self.log.reset()
             D.barrier()
             return False
-        saved_model = ckpt.get("config", {}).get("model", {})
-        now = to_dict(self.cfg)["model"]
+        saved_model = ckpt.get("model_config") or ckpt.get("config", {}).get("model", {})
+        now = to_dict(self.model_cfg)
         shape_keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "block_size")
         diff = [k for k in shape_keys if k in saved_model and saved_model[k] != now[k]]
         if diff:
@@ -267,40 +254,20 @@ class Trainer:
             if k in ckpt["state"]:
                 v.load_state_dict(ckpt["state"][k])
         self.step, self.elapsed = ckpt["step"], ckpt.get("elapsed", 0.0)
+        if self.info.is_main:
+            print(f"{self.cfg.stage}: resuming from step {self.step} ({self.out}/checkpoint)")
         rngs = ckpt["rng"]
         if self.info.rank < len(rngs):
             set_rng_state(rngs[self.info.rank])
         else:  # a rank the saving run did not have: a fresh stream of its own, not a copy of rank 0's
             seed_all(self.cfg.train.seed + self.info.rank + 1_000_003 * self.step)
-        self._check_world_change(ckpt)
+        note = world_change_note(ckpt, self.cfg.train, self.info.world_size)
+        if note and self.info.is_main:
+            print(note)
         if self.info.is_main:
             self.log.truncate(self.step)
         D.barrier()
         return True
-
-    def _check_world_change(self, ckpt: dict) -> None:
-        """Tell (rank 0) when a checkpoint resumes under another world size or global batch.
-
-        Pretraining's TokenLoader and the BucketBatcher draw whole global batches of
-        batch_size x grad_accum x world_size examples and slice them by rank, so a resume whose
-        global batch is unchanged (e.g. 2 ranks x accum 1 -> 1 rank x accum 2) continues the
-        exact data order; another global batch continues with valid but different batches.
-        """
-        saved_w = int(ckpt.get("world_size", 1))
-        saved_train = ckpt.get("config", {}).get("train", {})
-        tc, W = self.cfg.train, self.info.world_size
-        saved_g = saved_train.get("batch_size", tc.batch_size) * saved_train.get("grad_accum", tc.grad_accum) * saved_w
-        now_g = tc.batch_size * tc.grad_accum * W
-        if not self.info.is_main or (saved_w == W and saved_g == now_g):
-            return
-        if saved_g == now_g:
-            print(f"resume: checkpoint of {saved_w} processes resumed on {W}; the global batch "
-                  f"({now_g} = batch_size x grad_accum x processes) is unchanged, so the data order continues exactly")
-        else:
-            print(f"resume: warning: the global batch changed from {saved_g} to {now_g} "
-                  f"(batch_size x grad_accum x processes; {saved_w} -> {W} processes); training continues "
-                  f"but the batches differ from an uninterrupted run. Keep batch_size x grad_accum x processes "
-                  f"equal for an exact resume")
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -326,6 +293,58 @@ class Trainer:
                         "eval_s": round(time.time() - t0, 3), **res})
         return res
 
+    @contextlib.contextmanager
+    def _catch_signals(self):
+        """SIGINT/SIGTERM set a flag (checked after each step) instead of killing the run; restored after."""
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            try:
+                signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                try:
+                    signal.signal(s, h)
+                except ValueError:
+                    pass
+
+    def _train_step(self, step_fn: StepFn) -> dict:
+        """One step: learning rate, the stage's step function, the finiteness check; returns the metrics row."""
+        t0 = time.time()
+        lr = self.set_lr(self.step)
+        metrics = step_fn(self.step)
+        loss = float(metrics.get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise TrainingError(f"step {self.step + 1}: the loss is {loss}; the run stops and the last checkpoint is "
+                                f"kept. Try a lower --optim.lr or --train.dtype=fp32")
+        dt = time.time() - t0
+        self.elapsed += dt
+        self.step += 1
+        row = {"kind": "train", "step": self.step, "lr": lr, **metrics, "step_s": round(dt, 4),
+               "elapsed_s": round(self.elapsed, 3)}
+        tokens = float(metrics.get("tokens", 0.0))
+        if tokens:
+            row["tokens_per_s"] = tokens / max(dt, 1e-9)
+            if self.flops_per_token and self.peak:
+                row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.info.world_size)
+        return row
+
+    @staticmethod
+    def _show(bar, row: dict, show: tuple[str, ...], since: float) -> None:
+        """The progress bar's step, loss, ``show`` keys, tokens/s since ``since`` and MFU."""
+        bar.update(1)
+        post = {"loss": f"{float(row.get('loss', 0.0)):.4f}"}
+        post.update({k: f"{row[k]:.4g}" for k in show if isinstance(row.get(k), (int, float))})
+        span, tokens = time.time() - since, float(row.get("tokens", 0.0))
+        if tokens and span > 0:
+            post["tok/s"] = f"{tokens / span:,.0f}"
+        if "mfu" in row:
+            post["mfu"] = f"{100 * row['mfu']:.1f}%"
+        bar.set_postfix(post, refresh=False)
+
     def fit(self, step_fn: StepFn, eval_fn: Optional[EvalFn] = None, *, desc: str = "train",
             show: tuple[str, ...] = ()) -> dict:
         """Run (or resume) the loop to train.max_steps; returns the last train and eval metrics.
@@ -333,12 +352,6 @@ class Trainer:
         ``show``: extra keys of the step metrics to display on the progress bar (e.g. reward, kl)."""
         tc = self.cfg.train
         resumed = self.resume()
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in old:
-            try:
-                signal.signal(s, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
         last_train: dict = {}
         last_eval: dict = {}
         bar = None
@@ -347,61 +360,29 @@ class Trainer:
 
             bar = tqdm(total=tc.max_steps, initial=self.step, desc=desc, dynamic_ncols=True, leave=True)
         try:
-            if not resumed and self.step == 0 and tc.eval_every > 0:
-                last_eval = self._evaluate(eval_fn)
-            window_t, window_tokens = time.time(), 0.0
-            while self.step < tc.max_steps:
-                t0 = time.time()
-                lr = self.set_lr(self.step)
-                metrics = step_fn(self.step)
-                loss = float(metrics.get("loss", 0.0))
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"step {self.step + 1}: the loss is {loss}; the run stops and the last checkpoint is kept. "
-                        f"Try a lower --optim.lr or --train.dtype=fp32"
-                    )
-                dt = time.time() - t0
-                self.elapsed += dt
-                self.step += 1
-                tokens = float(metrics.get("tokens", 0.0))
-                window_tokens += tokens
-                row = {"kind": "train", "step": self.step, "lr": lr, **metrics,
-                       "step_s": round(dt, 4), "elapsed_s": round(self.elapsed, 3)}
-                if tokens:
-                    row["tokens_per_s"] = tokens / max(dt, 1e-9)
-                    if self.flops_per_token and self.peak:
-                        row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak * self.info.world_size)
-                last_train = row
-                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                    self.log.write(row)
-                if bar is not None:
-                    bar.update(1)
-                    post = {"loss": f"{loss:.4f}"}
-                    post.update({k: f"{metrics[k]:.4g}" for k in show if isinstance(metrics.get(k), (int, float))})
-                    span = time.time() - window_t
-                    if window_tokens and span > 0:
-                        post["tok/s"] = f"{window_tokens / span:,.0f}"
-                    if "mfu" in row:
-                        post["mfu"] = f"{100 * row['mfu']:.1f}%"
-                    bar.set_postfix(post, refresh=False)
-                    window_t, window_tokens = time.time(), 0.0
-                done = self.step == tc.max_steps
-                if (tc.eval_every > 0 and self.step % tc.eval_every == 0) or done:
+            with self._catch_signals():
+                if not resumed and self.step == 0 and tc.eval_every > 0:
                     last_eval = self._evaluate(eval_fn)
-                if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0) or done:
-                    self.save_checkpoint()
-                if not done and self._should_stop():
-                    self.save_checkpoint()
-                    raise Interrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out}/checkpoint; "
-                                      f"run the same command to resume")
-            if resumed and not last_eval:
-                last_eval = self._evaluate(eval_fn)
+                shown_t = time.time()
+                while self.step < tc.max_steps:
+                    last_train = self._train_step(step_fn)
+                    done = self.step == tc.max_steps
+                    if self.step % tc.log_every == 0 or done:
+                        self.log.write(last_train)
+                    if bar is not None:
+                        self._show(bar, last_train, show, shown_t)
+                        shown_t = time.time()
+                    if (tc.eval_every > 0 and self.step % tc.eval_every == 0) or done:
+                        last_eval = self._evaluate(eval_fn)
+                    if (tc.ckpt_every > 0 and self.step % tc.ckpt_every == 0) or done:
+                        self.save_checkpoint()
+                    if not done and self._should_stop():
+                        self.save_checkpoint()
+                        raise Interrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out}/"
+                                          f"checkpoint; run the same command to resume")
+                if resumed and not last_eval:
+                    last_eval = self._evaluate(eval_fn)
         finally:
             if bar is not None:
                 bar.close()
-            for s, h in old.items():
-                try:
-                    signal.signal(s, h)
-                except ValueError:
-                    pass
         return {"train": last_train, "eval": last_eval}

@@ -12,7 +12,7 @@ finished run folder (its checkpoint included) to ``out`` first, so the job resum
 of that global rank dies (``os._exit``) as it starts the given step (1-based), once: only while the marker file
 does not exist, which it then writes, so the process torchrun restarts (``--max-restarts``) runs on. Each job
 prints the checkpoint step it starts from and torchrun's restart count. ``spy`` records, on every rank, each call of
-``losses.whiten`` and of ``RLRun.rollout_metrics``; after the job the ranks gather what they saw and
+``losses.whiten`` and of ``rollout_metrics`` (as the RL stages call it); after the job the ranks gather what they saw and
 rank 0 writes to the report the statistics each rank used next to the true global ones.
 
 ``mismatch``: rank 1 skips an all-reduce that rank 0 enters and then stays busy; rank 0 must fail
@@ -54,7 +54,6 @@ class Spy:
         self.whiten_calls: list[dict] = []
         self.metric_calls: list[dict] = []
         self._orig_whiten = L.whiten
-        self._orig_metrics = None
 
         def whiten(x, mask, *args, **kwargs):
             mean, var = kwargs.get("mean"), kwargs.get("var")
@@ -64,25 +63,24 @@ class Spy:
             return self._orig_whiten(x, mask, *args, **kwargs)
 
         L.whiten = whiten
-        try:
-            from chatforge.rl import common as C
-        except ImportError:
-            return
-        self.C = C
-        self._orig_metrics = C.RLRun.rollout_metrics
+        from chatforge.stages import grpo, ppo
 
-        def rollout_metrics(run, r):
-            out = self._orig_metrics(run, r)
+        self.stages = (ppo, grpo)  # the stages call rollout_metrics by these names
+        self._orig_metrics = ppo.rollout_metrics
+
+        def rollout_metrics(r):
+            out = self._orig_metrics(r)
             self.metric_calls.append({"norm": r.norm.detach().float().cpu(), "reward": float(out["reward"]),
                                       "n": len(r.batch)})
             return out
 
-        C.RLRun.rollout_metrics = rollout_metrics
+        for stage in self.stages:
+            stage.rollout_metrics = rollout_metrics
 
     def restore(self) -> None:
         self.L.whiten = self._orig_whiten
-        if self._orig_metrics is not None:
-            self.C.RLRun.rollout_metrics = self._orig_metrics
+        for stage in self.stages:
+            stage.rollout_metrics = self._orig_metrics
 
     def report(self) -> dict:
         """Gather every rank's records; the global statistics next to those the ranks used."""

@@ -83,21 +83,23 @@ def comparable(rows: list[dict]) -> list[dict]:
 
 
 def interrupt_at(monkeypatch, step: int) -> None:
-    """Make the RL stages receive SIGINT during (0-based) step ``step``: the Trainer finishes that step,
-    saves a checkpoint and raises trainer.Interrupted."""
+    """Make the RL stages receive SIGINT during (0-based) step ``step`` (when its rollout draws its prompts): the
+    Trainer finishes that step, saves a checkpoint and raises trainer.Interrupted."""
     import os
     import signal
 
-    from chatforge.rl.common import RLRun
+    from chatforge.rl.prompts import PromptLoader
 
-    original = RLRun.rollout
+    original = PromptLoader.next
+    calls = {"n": 0}
 
-    def rollout(self, trainer, s, *a, **k):
-        if s == step:
+    def next_prompts(self):
+        if calls["n"] == step:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, trainer, s, *a, **k)
+        calls["n"] += 1
+        return original(self)
 
-    monkeypatch.setattr(RLRun, "rollout", rollout)
+    monkeypatch.setattr(PromptLoader, "next", next_prompts)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from chatforge.commands import chat
 from chatforge.config import ModelConfig
 from chatforge.engine import Engine
 from chatforge.model.gpt import GPT
-from chatforge.stages.common import save_model_dir
+from chatforge.model.save import save_model_dir
 from chatforge.tokenizer import ChatTokenizer, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -263,7 +263,7 @@ def test_model_kind_errors_say_reward_model_and_language_model(model_dir, tmp_pa
     from chatforge.model.hf import ModelDirError
     from chatforge.model.heads import ScalarModel
     from chatforge.model.load import load_causal_lm, load_scalar_model
-    from chatforge.stages.common import save_model_dir
+    from chatforge.model.save import save_model_dir
     from chatforge.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.load(model_dir)

@@ -22,7 +22,7 @@ from chatforge.model.hf_tokenizer import TokenizerDirError
 from chatforge.model.load import load_causal_lm, load_scalar_model, scalar_from_causal
 from chatforge.model.lora import (LoraReference, adapters_disabled, apply_lora, has_lora, reference_from,
                                   shares_base)
-from chatforge.stages.common import save_model_dir
+from chatforge.model.save import save_model_dir
 from chatforge.tokenizer import SPECIAL_TOKENS, render_conversation, render_prompt, train_tokenizer
 
 FAMILIES = ["llama", "qwen2", "gpt2"]

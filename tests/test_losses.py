@@ -379,14 +379,21 @@ def test_ppo_value_loss_clipping_cases():
     assert close(values.grad, [[0.0, 0.5 / 4, -0.9 / 4, 0.0, 0.0]])
 
 
-def test_explained_variance():
-    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0]])
-    mask = torch.tensor([[1, 1, 1, 1, 0]])
-    assert close(L.explained_variance(returns, returns, mask), 1.0)
-    assert close(L.explained_variance(torch.zeros_like(returns), returns, mask), 0.0)
-    # residual [0,0,0,1]: var 0.1875; var(returns) 1.25 -> 1 - 0.15 = 0.85
-    values = torch.tensor([[1.0, 2.0, 3.0, 3.0, -50.0]])
-    assert close(L.explained_variance(values, returns, mask), 0.85)
+def test_ppo_loss_sum_reductions_are_the_means_times_their_counts():
+    """token_sum = token mean x masked tokens; sequence_sum = sequence mean x rows; value sum = mean x tokens
+    (hand-computed: ratio 1, so the policy loss per token is -A)."""
+    adv = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    logp = torch.zeros(2, 3)
+    tok_sum, _ = L.ppo_policy_loss(logp, logp, adv, mask, reduction="token_sum")
+    seq_sum, _ = L.ppo_policy_loss(logp, logp, adv, mask, reduction="sequence_sum")
+    assert close(tok_sum, -6.0) and close(seq_sum, -(1.5 + 3.0))
+    assert close(L.ppo_policy_loss(logp, logp, adv, mask)[0], -2.0)  # the token mean: -6 / 3
+    values, returns = torch.tensor([[1.0, 1.0, 9.0], [0.0, 9.0, 9.0]]), torch.tensor([[2.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    v_sum, _ = L.ppo_value_loss(values, values, returns, mask, clip_eps=10.0, reduction="sum")
+    assert close(v_sum, 0.5 * (1 + 4 + 4))  # squared errors 1, 4, 4 on the 3 masked tokens
+    with pytest.raises(ValueError, match="reduction"):
+        L.ppo_policy_loss(logp, logp, adv, mask, reduction="mean")
 
 
 def test_shape_mismatch_errors_name_the_function():

@@ -3,7 +3,6 @@ run on a micro policy, exact resume and bad input."""
 
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,8 @@ import torch
 from chatforge import losses
 from chatforge.config import ConfigError, ModelConfig, load_config
 from chatforge.model.gpt import GPT
-from chatforge.rl.common import PromptLoader, final_scores, load_prompt_set
+from chatforge.rl.prompts import PromptLoader, load_prompt_set
+from chatforge.rl.stats import final_scores
 from chatforge.rl.kl_controller import AdaptiveKLController, FixedKLController, make_kl_controller
 from chatforge.rl.rollout import build_batch, response_logprobs, response_values, sample
 from chatforge.stages import ppo
@@ -210,7 +210,7 @@ def test_ppo_with_reward_model_critic_starts_from_the_rm(tmp_path, world):
     from chatforge.checkpoint import atomic_write_json
     from chatforge.model.hf import save_model
     from chatforge.model.load import load_causal_lm, scalar_from_causal
-    from chatforge.stages.common import special_ids
+    from chatforge.model.save import special_ids
 
     policy, mcfg, tok = load_causal_lm(world["policy"])
     torch.manual_seed(0)

@@ -231,6 +231,9 @@ def test_normalised_scores_have_mean_0_std_1_on_the_reference_set(trained_rm, mi
     assert norm.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert norm.std().item() == pytest.approx(1.0, abs=1e-4)
     torch.testing.assert_close(raw, rm.score_sequences(scorer.model, seqs, scorer.pad_id))
+    with torch.no_grad():  # the batched, padded scorer against each sequence alone (no padding at all)
+        alone = torch.stack([scorer.model(torch.tensor([s]))[0, -1].float() for s in seqs[:16]])
+    torch.testing.assert_close(raw[:16], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_transformers_scores_equal_ours(trained_rm):

@@ -68,7 +68,7 @@ def prepare_models(work: Path, sizes: list[str], block_size: int) -> dict[str, d
     from chatforge.config import ModelConfig
     from chatforge.model.gpt import GPT
     from chatforge.model.heads import ScalarModel
-    from chatforge.stages.common import save_model_dir
+    from chatforge.model.save import save_model_dir
 
     work.mkdir(parents=True, exist_ok=True)
     tok = None

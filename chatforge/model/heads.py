@@ -9,7 +9,7 @@ left- and right-padded batches alike (:func:`gather_last`).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,26 @@ def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     """values (B, T), mask (B, T) -> (B,) the value at each row's rightmost real token."""
     i = last_token_index(attention_mask)  # (B,)
     return values.gather(1, i[:, None]).squeeze(1)  # (B,)
+
+
+@torch.inference_mode()
+def score_sequences(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Scores (N,) fp32 on the CPU of whole token sequences, each read at its last token: the one scorer of
+    reward models (the RM's normalisation statistics, RL rewards, `chatforge score`).
+
+    Length-sorted batches of ``batch_size``, right-padded: with causal attention the padding cannot change the
+    real tokens, so no mask is needed. ``model``: ids (b, T) -> per-token scalars (b, T).
+    """
+    device = next(model.parameters()).device  # read each call: the caller may have offloaded the model
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        rows = [torch.tensor(list(seqs[i]), dtype=torch.long) for i in idx]
+        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id).to(device)  # (b, T)
+        mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).to(device)  # (b, T)
+        out[idx] = gather_last(model(ids).float(), mask).cpu()  # (b,)
+    return out
 
 
 class ScalarModel(nn.Module):

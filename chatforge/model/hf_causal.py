@@ -31,6 +31,8 @@ import torch.nn as nn
 
 from chatforge.config import ModelConfig
 from chatforge.files import set_umask_mode
+from chatforge.model.gpt import GPT
+from chatforge.model.heads import ScalarModel
 from chatforge.model.hf import ModelDirError, read_hf_config
 
 
@@ -301,24 +303,27 @@ def save_hf_model(model: Union[HFCausalLM, HFScalarModel], out_dir: Union[str, P
     return out
 
 
-def fresh_like(model: nn.Module) -> nn.Module:
-    """A new, unsharded model of the same class and shapes as ``model`` (to load a full state dict into),
-    with the same LoRA adapter layout when ``model`` has adapters (so its state dict loads as is)."""
-    from chatforge.model.gpt import GPT
-    from chatforge.model.heads import ScalarModel
-    from chatforge.model.lora import apply_lora, has_lora
+def embeddings(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
+    """(input embedding, untied output projection or None) of a native or wrapped transformers model."""
+    if isinstance(model, (HFCausalLM, HFScalarModel)):
+        inp, out = model.hf.get_input_embeddings(), model.hf.get_output_embeddings()
+    else:
+        inp, out = model.model.embed_tokens, getattr(model, "lm_head", None)
+    if out is not None and out.weight is inp.weight:
+        out = None
+    return inp, out
 
+
+def new_like(model: nn.Module) -> nn.Module:
+    """A new, unsharded model of the same class and shapes as ``model`` (native or wrapped transformers), without
+    LoRA adapters (model/load.fresh_like adds the same adapter layout)."""
     T = _transformers()
     if isinstance(model, HFCausalLM):
-        fresh = HFCausalLM(T.AutoModelForCausalLM.from_config(
+        return HFCausalLM(T.AutoModelForCausalLM.from_config(
             model.hf.config, dtype=torch.float32, trust_remote_code=model.cfg.trust_remote_code), model.cfg)
-    elif isinstance(model, HFScalarModel):
-        fresh = HFScalarModel(T.AutoModelForSequenceClassification.from_config(
+    if isinstance(model, HFScalarModel):
+        return HFScalarModel(T.AutoModelForSequenceClassification.from_config(
             model.hf.config, dtype=torch.float32, trust_remote_code=model.cfg.trust_remote_code), model.cfg)
-    elif isinstance(model, (GPT, ScalarModel)):
-        fresh = type(model)(model.cfg, model.vocab_size)
-    else:
-        raise TypeError(f"fresh_like: unsupported model {type(model).__name__}")
-    if has_lora(model):
-        apply_lora(fresh, model.lora_config)
-    return fresh
+    if isinstance(model, (GPT, ScalarModel)):
+        return type(model)(model.cfg, model.vocab_size)
+    raise TypeError(f"fresh_like: unsupported model {type(model).__name__}")

@@ -31,8 +31,9 @@ from chatforge.config import ModelConfig
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarModel
 from chatforge.model.hf import ModelDirError, NotNativeModelError, load_model, read_hf_config
-from chatforge.model.hf_causal import HFCausalLM, HFScalarModel, load_hf_causal, load_hf_scalar
+from chatforge.model.hf_causal import HFCausalLM, HFScalarModel, embeddings, load_hf_causal, load_hf_scalar, new_like
 from chatforge.model.hf_tokenizer import load_chat_tokenizer
+from chatforge.model.lora import ADAPTER_DIR, apply_lora, has_lora, load_adapter_merged, merged_copy
 from chatforge.tokenizer import ChatTokenizer
 
 
@@ -42,17 +43,6 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> ChatTok
     if p.is_file():
         return ChatTokenizer.load(p)
     return load_chat_tokenizer(p, trust_remote_code)[0]
-
-
-def _embeddings(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
-    """(input embedding, untied output projection or None) of any supported model."""
-    if isinstance(model, (HFCausalLM, HFScalarModel)):
-        inp, out = model.hf.get_input_embeddings(), model.hf.get_output_embeddings()
-    else:
-        inp, out = model.model.embed_tokens, getattr(model, "lm_head", None)
-    if out is not None and out.weight is inp.weight:
-        out = None
-    return inp, out
 
 
 def fit_vocab(model: nn.Module, tok: ChatTokenizer, new_ids: list[int]) -> nn.Module:
@@ -81,7 +71,7 @@ def fit_vocab(model: nn.Module, tok: ChatTokenizer, new_ids: list[int]) -> nn.Mo
     if new_ids:
         n_old = min(min(new_ids), model.vocab_size)  # the rows of the original tokenizer's ids
         with torch.no_grad():
-            for layer in _embeddings(model):
+            for layer in embeddings(model):
                 if layer is not None:
                     w = layer.weight  # (V, C)
                     w[new_ids] = w[:n_old].mean(dim=0, keepdim=True)
@@ -142,8 +132,6 @@ def _finish(model: nn.Module, cfg: ModelConfig, path: Path, device, trust_remote
 
 def _merge_saved_adapter(model: nn.Module, path: Path) -> nn.Module:
     """A directory saved with lora.merge=false holds the base weights and ``adapter/``: merge it back."""
-    from chatforge.model.lora import ADAPTER_DIR, load_adapter_merged
-
     if (path / ADAPTER_DIR / "adapter_config.json").is_file():
         model = load_adapter_merged(model, path / ADAPTER_DIR)
         model.eval()
@@ -172,8 +160,6 @@ def scalar_from_causal(policy: nn.Module, score_std: Optional[float] = None) -> 
 
     A policy with LoRA adapters gives its merged weights (the scalar model has no adapters; give it its
     own with ``apply_lora``)."""
-    from chatforge.model.lora import has_lora, merged_copy
-
     if has_lora(policy):
         added = getattr(policy, "chat_tokens_added", [])
         policy = merged_copy(policy)
@@ -186,3 +172,12 @@ def scalar_from_causal(policy: nn.Module, score_std: Optional[float] = None) -> 
         raise TypeError(f"cannot put a scalar head on a {type(policy).__name__}")
     m.chat_tokens_added = list(getattr(policy, "chat_tokens_added", []))
     return m
+
+
+def fresh_like(model: nn.Module) -> nn.Module:
+    """A new, unsharded model of the same class and shapes as ``model`` (to load a full state dict into),
+    with the same LoRA adapter layout when ``model`` has adapters (so its state dict loads as is)."""
+    fresh = new_like(model)
+    if has_lora(model):
+        apply_lora(fresh, model.lora_config)
+    return fresh

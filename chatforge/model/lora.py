@@ -30,18 +30,15 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from chatforge.config import ConfigError, LoraConfig
+from chatforge.distributed import unwrap
 from chatforge.files import set_umask_mode
+from chatforge.model.hf_causal import embeddings
 
 HEAD_NAMES = ("lm_head", "score")  # never adapted by all-linear; 'score' stays fully trainable
 ADAPTER_DIR = "adapter"  # <model dir>/adapter/: the unmerged adapter (lora.merge=false)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from chatforge.distributed import unwrap
-
-    return unwrap(model)
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -52,7 +49,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every peft LoRA layer in ``model``."""
     from peft.tuners.lora import LoraLayer
 
-    return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, LoraLayer)]
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)]
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -100,22 +97,11 @@ def apply_lora(model: nn.Module, lcfg: LoraConfig, trainable: tuple[str, ...] = 
         if any(t in name.split(".") for t in trainable):
             p.requires_grad_(True)
     if getattr(model, "chat_tokens_added", None):
-        from chatforge.model.load import _embeddings
-
-        for layer in _embeddings(model):
+        for layer in embeddings(model):
             if layer is not None:
                 layer.weight.requires_grad_(True)
     model.lora_config = lcfg
     return model
-
-
-def lora_summary(model: nn.Module) -> str:
-    """'LoRA r=8 on q_proj, v_proj: 0.29M of 12.3M parameters trainable (2.4%)'."""
-    lcfg = getattr(_unwrap(model), "lora_config", None)
-    total = sum(p.numel() for p in model.parameters())
-    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = f"LoRA r={lcfg.r}, alpha={lcfg.alpha}" if lcfg is not None else "full fine-tuning"
-    return f"{head}: {train / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({100 * train / max(total, 1):.1f}%)"
 
 
 @contextlib.contextmanager
@@ -149,18 +135,18 @@ def _replace_lora_layers(model: nn.Module, merge: bool) -> nn.Module:
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A plain (adapter-free) deep copy of ``model`` with the adapters merged into the base weights."""
-    return _replace_lora_layers(copy.deepcopy(_unwrap(model)), merge=True)
+    return _replace_lora_layers(copy.deepcopy(unwrap(model)), merge=True)
 
 
 def base_copy(model: nn.Module) -> nn.Module:
     """A plain deep copy of ``model``'s base weights (adapters dropped, not merged)."""
-    return _replace_lora_layers(copy.deepcopy(_unwrap(model)), merge=False)
+    return _replace_lora_layers(copy.deepcopy(unwrap(model)), merge=False)
 
 
 def shares_base(model: nn.Module) -> bool:
     """True when the frozen base of ``model`` is exactly its starting model: LoRA is on and every trainable
     parameter is a LoRA parameter."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if not has_lora(model):
         return False
     return all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -176,7 +162,7 @@ class LoraReference(nn.Module):
 
     def __init__(self, policy: nn.Module):
         super().__init__()
-        object.__setattr__(self, "policy", _unwrap(policy))  # not registered: no second copy in state_dict
+        object.__setattr__(self, "policy", unwrap(policy))  # not registered: no second copy in state_dict
 
     def forward(self, *args, **kwargs):
         with torch.no_grad(), adapters_disabled(self.policy):
@@ -210,7 +196,7 @@ def reference_from(policy: nn.Module) -> nn.Module:
     """
     if shares_base(policy):
         return LoraReference(policy)
-    src = _unwrap(policy)
+    src = unwrap(policy)
     ref = merged_copy(src) if has_lora(src) else copy.deepcopy(src)
     ref.eval()
     ref.requires_grad_(False)
@@ -223,9 +209,8 @@ def reference_from(policy: nn.Module) -> nn.Module:
 def save_adapter(model: nn.Module, directory) -> None:
     """Write ``model``'s adapter (peft format: adapter_config.json + adapter_model.safetensors)."""
     import peft
-    from safetensors.torch import save_file
 
-    model = _unwrap(model)
+    model = unwrap(model)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = peft.get_peft_model_state_dict(model)
@@ -240,7 +225,6 @@ def save_adapter(model: nn.Module, directory) -> None:
 def load_adapter_merged(model: nn.Module, directory) -> nn.Module:
     """Apply an adapter saved by :func:`save_adapter` to ``model`` and merge it (returns a plain model)."""
     import peft
-    from safetensors.torch import load_file
 
     d = Path(directory)
     pcfg = peft.LoraConfig.from_pretrained(str(d))

@@ -25,12 +25,11 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 
 from chatforge.config import ConfigError
-from chatforge.data.batching import pad
 from chatforge.errors import ChatforgeError
-from chatforge.model.heads import gather_last
+from chatforge.model.heads import score_sequences
+from chatforge.model.load import load_scalar_model
+from chatforge.rundir import RUN_INFO
 from chatforge.tokenizer import ChatTokenizer, render_prompt, render_response
-
-RUN_INFO = "chatforge.json"
 
 
 class RewardError(ChatforgeError, ValueError):
@@ -60,8 +59,6 @@ class RewardModelScorer:
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", *, batch_size: int = 32,
                  normalize: bool = True, trust_remote_code: bool = False):
-        from chatforge.model.load import load_scalar_model
-
         self.path = Path(path)
         model, self.cfg, self.tokenizer = load_scalar_model(self.path, device, trust_remote_code=trust_remote_code)
         self.model = model.float().eval().requires_grad_(False)
@@ -111,15 +108,7 @@ class RewardModelScorer:
         seqs = [s[-self.block_size:] for s in seqs]
         if any(len(s) == 0 for s in seqs):
             raise ValueError("score_ids: an empty prompt+response sequence")
-        device = next(self.model.parameters()).device  # read each call: the caller may offload the model
-        raw = torch.empty(len(seqs), dtype=torch.float32)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s : s + self.batch_size]
-            ids = pad([seqs[i] for i in idx], self.pad_id, "right").to(device)  # (b, T)
-            mask = pad([[1] * len(seqs[i]) for i in idx], 0, "right").to(device)  # (b, T)
-            # right padding + causal attention: no mask needed for the real tokens
-            raw[idx] = gather_last(self.model(ids).float(), mask).cpu()  # (b,)
+        raw = score_sequences(self.model, seqs, self.pad_id, self.batch_size)  # (N,)
         _check_finite(raw, f"reward model {self.path}")
         return raw, (raw - self.mean) / self.std
 

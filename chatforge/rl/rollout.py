@@ -14,18 +14,29 @@ whole response; the critic's value of the state before token j is read at the sa
 Log-probs are recomputed by a forward pass (never taken from the engine) in fp32 at the sampling
 temperature, so that old, new and reference log-probs come from one code path; the tests check that
 they equal the engine's sampling log-probs.
+
+One RL step's rollout is :func:`collect` -> :class:`Rollout` (the batch with old/reference log-probs, the texts,
+the rewards); :func:`rollout_metrics` and :func:`log_samples` report it. The algorithms' advantages and losses
+are chatforge.losses'; the update loop is chatforge.rl.update.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from chatforge import distributed as D
 from chatforge import losses
 from chatforge.config import ConfigError
+from chatforge.config import RLConfig
 from chatforge.engine import Engine
+from chatforge.rl.prompts import PromptLoader, PromptSet
+from chatforge.rl.roles import Roles
+from chatforge.rl.stats import check_finite, final_scores, global_sums
+from chatforge.trainer import Trainer
 
 
 @dataclass
@@ -144,3 +155,83 @@ def response_values(critic: torch.nn.Module, batch: RolloutBatch) -> torch.Tenso
     P = batch.prompt_len
     v = critic(batch.input_ids, attention_mask=batch.attention_mask)  # (B, P + R)
     return v[:, P - 1:-1].float() * batch.response_mask  # (B, R)
+
+
+# ---------------------------------------------------------------------------------------------- one step's rollout
+
+
+@dataclass
+class Rollout:
+    batch: RolloutBatch  # on the device; extra holds old_logp (and ref_logp when there is a reference)
+    prompt_texts: list[str]
+    response_texts: list[str]
+    raw: torch.Tensor  # (B,) reward before normalisation
+    norm: torch.Tensor  # (B,) normalised reward (RM) or the function's value
+    score: torch.Tensor  # (B,) after clipping and the missing-EOS penalty
+    gen_s: float  # seconds spent generating
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The sampling generator of one step: a pure function of (seed, step, rank), so resume is exact."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 4099 + rank * 7919) % (2**63 - 1))
+    return g
+
+
+def chunked(batch: RolloutBatch, rows_per_chunk: int, fn: Callable[[RolloutBatch], torch.Tensor]) -> torch.Tensor:
+    """fn over chunks of ``rows_per_chunk`` rows, padded back to (B, R) fp32."""
+    B, R = batch.response_mask.shape
+    out = torch.zeros((B, R), dtype=torch.float32, device=batch.input_ids.device)
+    for rows in torch.arange(B).split(max(1, rows_per_chunk)):
+        v = fn(batch.select(rows))  # (b, r)
+        out[rows.to(out.device), :v.shape[1]] = v.float()
+    return out
+
+
+def collect(trainer: Trainer, roles: Roles, prompts: PromptSet, loader: PromptLoader, rl: RLConfig, *, seed: int,
+            step: int, rank: int, micro_rows: int, repeat: int = 1) -> Rollout:
+    """The next prompts (each ``repeat`` times, consecutively), sampled responses, old/ref log-probs, scores."""
+    tok, dev = roles.tok, roles.device
+    rows = loader.next()
+    prompt_ids = [prompts.ids[i] for i in rows for _ in range(repeat)]
+    prompt_texts = [prompts.texts[i] for i in rows for _ in range(repeat)]
+    actor = D.unwrap(trainer.models["actor"])
+    t0 = time.time()
+    with D.gathered(trainer.models["actor"]) as gen_actor, trainer.autocast():  # FSDP: gather once, decode freely
+        s = sample(gen_actor, prompt_ids, rl.max_new_tokens, rl.temperature, tok.end_id, tok.pad_id,
+                   step_generator(seed, step, rank, dev))
+    gen_s = time.time() - t0
+    batch = build_batch(prompt_ids, s.response_ids, tok.pad_id, tok.end_id).to(dev)
+    T = rl.temperature
+    with torch.no_grad(), trainer.autocast():
+        batch.extra["old_logp"] = chunked(batch, micro_rows, lambda b: response_logprobs(actor, b, T)[0])
+        if roles.ref is not None:
+            batch.extra["ref_logp"] = roles.frozen_forward(
+                lambda: chunked(batch, micro_rows, lambda b: response_logprobs(roles.ref, b, T)[0]))
+    response_texts = [tok.decode(r[:-1] if f else r) for r, f in zip(batch.response_ids, batch.finished.tolist())]
+    with roles.frozen():
+        raw, norm = roles.reward.score(batch.prompt_ids, batch.response_ids, prompt_texts, response_texts)
+    raw = torch.as_tensor(raw, dtype=torch.float32).to(dev)
+    norm = torch.as_tensor(norm, dtype=torch.float32).to(dev)
+    check_finite("the rewards", norm, step)
+    return Rollout(batch, prompt_texts, response_texts, raw, norm, final_scores(norm, batch.finished, rl), gen_s)
+
+
+def rollout_metrics(r: Rollout) -> dict[str, float]:
+    """Global means over the step's responses (every rank's, one all-reduce)."""
+    b = r.batch
+    n, raw, norm, score, length, eos = global_sums(len(b), r.raw.sum(), r.norm.sum(), r.score.sum(),
+                                                   b.response_lengths.sum(), b.finished.float().sum())
+    return {"reward_raw": raw / n, "reward": norm / n, "score": score / n, "response_length": length / n,
+            "eos_fraction": eos / n, "tokens": length, "gen_s": r.gen_s}
+
+
+def log_samples(trainer: Trainer, step: int, r: Rollout, every: int, n: int = 4) -> None:
+    """A few (prompt, response, reward) rows in metrics.jsonl every ``every`` steps and at the last step (rank 0)."""
+    last = step + 1 == trainer.cfg.train.max_steps
+    if not trainer.info.is_main or every <= 0 or (step % every != 0 and not last):
+        return
+    idx = range(0, len(r.batch), max(1, len(r.batch) // n))
+    rows = [{"prompt": r.prompt_texts[i], "response": r.response_texts[i], "reward_raw": float(r.raw[i]),
+             "score": float(r.score[i]), "ended": bool(r.batch.finished[i])} for i in list(idx)[:n]]
+    trainer.log.write({"kind": "samples", "step": step + 1, "samples": rows})

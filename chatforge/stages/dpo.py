@@ -25,14 +25,16 @@ import torch
 
 from chatforge import distributed as D
 from chatforge import losses
-from chatforge.config import Config, ConfigError
+from chatforge.config import Config, ConfigError, ResolvedRun
 from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.pairs import PairBatch, TokenPair, collate_pairs, load_pair_data, pair_lengths
-from chatforge.model.hf_causal import fresh_like
 from chatforge.model.load import load_causal_lm
 from chatforge.model.lora import apply_lora, reference_from
-from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
+from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
+
+
+SUM_KEYS = ("loss", "reward_chosen", "reward_rejected", "correct", "chosen_drift", "chosen_tokens", "tokens")
 
 
 def response_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,36 +78,69 @@ class RefLogps:
         return torch.cat([self.chosen[idx], self.rejected[idx]]).to(device)
 
 
+def precompute_reference(ref: torch.nn.Module, data, pad_id: int, batch_size: int, info) -> dict[str, RefLogps]:
+    """The reference log-probs of every train and held-out pair, computed once (``dpo.precompute_ref``)."""
+    t0 = time.time()
+    pre = {name: RefLogps.compute(ref, pairs, pad_id, batch_size, info.rank, info.world_size, info.device)
+           for name, pairs in (("train", data.train), ("val", data.val)) if pairs}
+    if info.is_main:
+        print(f"dpo: reference log-probs of {len(data.train) + len(data.val):,} pairs precomputed in "
+              f"{time.time() - t0:.1f}s; reference model freed")
+    return pre
+
+
+def pair_terms(model: torch.nn.Module, batch: PairBatch, rf: torch.Tensor, beta: float, loss_type: str):
+    """(per-pair losses (B,), chosen rewards (B,), rejected rewards (B,), policy sums (2B,), ref sums (2B,),
+    response token counts (2B,)) of B pairs, given their reference sums ``rf`` (2B,)."""
+    pi, n = response_logps(model, batch)  # (2B,), (2B,)
+    k = len(pi) // 2
+    if loss_type == "ipo":  # per-token averages, as TRL passes them to the IPO loss
+        l, _, _ = losses.dpo(pi[:k] / n[:k], pi[k:] / n[k:], rf[:k] / n[:k], rf[k:] / n[k:], beta, "ipo")
+        _, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")  # implicit rewards: sums
+    else:
+        l, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")
+    return l, rc, rr, pi.detach(), rf, n
+
+
+def pair_sums(l, rc, rr, pi, rf, n) -> torch.Tensor:
+    """A batch's sums (SUM_KEYS): loss, chosen reward, rejected reward, correct, chosen drift, chosen tokens, tokens."""
+    k = len(l)
+    return torch.tensor([l.sum().item(), rc.sum().item(), rr.sum().item(), (rc > rr).sum().item(),
+                         (pi[:k] - rf[:k]).sum().item(), n[:k].sum().item(), n.sum().item()], dtype=torch.float64)
+
+
+def summary(acc: torch.Tensor, n_pairs: float, prefix: str = "") -> dict:
+    """Means per pair (the drift per chosen token) of the SUM_KEYS sums ``acc``."""
+    return {f"{prefix}loss": acc[0].item() / n_pairs, f"{prefix}reward_chosen": acc[1].item() / n_pairs,
+            f"{prefix}reward_rejected": acc[2].item() / n_pairs,
+            f"{prefix}margin": (acc[1].item() - acc[2].item()) / n_pairs,
+            f"{prefix}accuracy": acc[3].item() / n_pairs,
+            f"{prefix}chosen_drift": acc[4].item() / max(acc[5].item(), 1.0)}
+
+
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     if not cfg.model.init:
         raise ConfigError("dpo: --model.init is required (the SFT model directory to optimise)")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
-    out = check_out_dir(Path(out))
-    info = setup(cfg)
-    policy, cfg.model, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
+    out, info = start(cfg, out)
+    policy, mcfg, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
     policy = apply_lora(policy, cfg.lora)  # no-op unless lora.r > 0
     ref: Optional[torch.nn.Module] = reference_from(policy)  # LoRA: the policy with adapters off; else a frozen copy
-    data = load_pair_data(cfg.data, tok, cfg.model.block_size, verbose=info.is_main)
+    data = load_pair_data(cfg.data, tok, mcfg.block_size, verbose=info.is_main)
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
-    step_pairs = B * A * W
     beta, loss_type = cfg.dpo.beta, cfg.dpo.loss
     batcher = BucketBatcher(pair_lengths(data.train), B, A, seed=cfg.train.seed, rank=info.rank, world_size=W)
-    pre: dict[str, RefLogps] = {}
+    pre = precompute_reference(ref, data, tok.pad_id, B, info) if cfg.dpo.precompute_ref else {}
     if cfg.dpo.precompute_ref:
-        t0 = time.time()
-        pre = {name: RefLogps.compute(ref, pairs, tok.pad_id, B, info.rank, W, info.device)
-               for name, pairs in (("train", data.train), ("val", data.val)) if pairs}
         ref = None  # freed: every reference log-prob the run needs is in `pre`
-        if info.is_main:
-            print(f"dpo: reference log-probs of {len(data.train) + len(data.val):,} pairs precomputed in "
-                  f"{time.time() - t0:.1f}s; reference model freed")
     if info.is_main:
         print(f"dpo: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data.train):,} train / {len(data.val):,} held-out pairs; loss {loss_type}, beta {beta}; "
-              f"batch {B} pairs x {A} accumulation x {W} processes = {step_pairs} pairs per step")
-    trainer = Trainer(cfg, out, {"model": policy}, info, state={"data": batcher})
+              f"batch {B} pairs x {A} accumulation x {W} processes = {B * A * W} pairs per step")
+    trainer = Trainer(cfg, out, {"model": policy}, info, state={"data": batcher}, model_cfg=mcfg)
     net = trainer.models["model"]
 
     def ref_sums(split: str, idx: list[int], batch: PairBatch) -> torch.Tensor:
@@ -114,50 +149,24 @@ def run(cfg: Config, out: str | Path) -> dict:
         with torch.inference_mode():
             return response_logps(ref, batch)[0].clone()  # (2B,)
 
-    def pair_terms(model, split: str, idx: list[int], batch: PairBatch):
-        """(per-pair losses (B,), chosen rewards (B,), rejected rewards (B,), policy sums (2B,), ref sums (2B,), counts (2B,))."""
-        pi, n = response_logps(model, batch)  # (2B,), (2B,)
-        rf = ref_sums(split, idx, batch)  # (2B,)
-        k = len(idx)
-        if loss_type == "ipo":  # per-token averages, as TRL passes them to the IPO loss
-            l, _, _ = losses.dpo(pi[:k] / n[:k], pi[k:] / n[k:], rf[:k] / n[:k], rf[k:] / n[k:], beta, "ipo")
-            _, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")  # implicit rewards: sums
-        else:
-            l, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")
-        return l, rc, rr, pi.detach(), rf, n
-
-    def sums(l, rc, rr, pi, rf, n, k: int) -> torch.Tensor:
-        """This batch's sums: loss, chosen reward, rejected reward, correct, chosen drift, chosen tokens, tokens."""
-        return torch.tensor([l.sum().item(), rc.sum().item(), rr.sum().item(), (rc > rr).sum().item(),
-                             (pi[:k] - rf[:k]).sum().item(), n[:k].sum().item(), n.sum().item()], dtype=torch.float64)
-
-    def summary(acc: torch.Tensor, n_pairs: float, prefix: str = "") -> dict:
-        return {f"{prefix}loss": acc[0].item() / n_pairs, f"{prefix}reward_chosen": acc[1].item() / n_pairs,
-                f"{prefix}reward_rejected": acc[2].item() / n_pairs,
-                f"{prefix}margin": (acc[1].item() - acc[2].item()) / n_pairs,
-                f"{prefix}accuracy": acc[3].item() / n_pairs,
-                f"{prefix}chosen_drift": acc[4].item() / max(acc[5].item(), 1.0)}
+    def micro_step(idx: list[int]) -> tuple[torch.Tensor, int, dict]:
+        batch = collate_pairs([data.train[j] for j in idx], tok.pad_id).to(info.device)
+        l, rc, rr, pi, rf, n = pair_terms(net, batch, ref_sums("train", idx, batch), beta, loss_type)
+        return l.sum(), len(idx), dict(zip(SUM_KEYS[1:], pair_sums(l, rc, rr, pi, rf, n)[1:].tolist()))
 
     def step_fn(step: int) -> dict:
-        acc = torch.zeros(7, dtype=torch.float64)
-        micro = batcher.next()
-        for i, idx in enumerate(micro):
-            batch = collate_pairs([data.train[j] for j in idx], tok.pad_id).to(info.device)
-            with trainer.micro(last=i == len(micro) - 1):
-                l, rc, rr, pi, rf, n = pair_terms(net, "train", idx, batch)
-            trainer.backward(l.sum() * trainer.grad_scale() / step_pairs)
-            acc += sums(l, rc, rr, pi, rf, n, len(idx))
-        stats = trainer.optimizer_step()
-        acc = D.all_reduce_sum(acc)
-        return {**summary(acc, float(step_pairs)), "tokens": acc[6].item(), **stats}
+        res = trainer.accumulate(batcher.next(), micro_step)  # normalised by the step's pairs
+        n = res.pop("count")
+        acc = torch.tensor([res.pop("loss") * n] + [res.pop(k) for k in SUM_KEYS[1:]], dtype=torch.float64)
+        return {**summary(acc, n), "tokens": acc[6].item(), **res}
 
     def eval_fn(step: int) -> dict:
         acc = torch.zeros(8, dtype=torch.float64)  # the 7 sums + pair count
         for idx in eval_batches(pair_lengths(data.val), B, info.rank, W, cfg.train.eval_batches):
             batch = collate_pairs([data.val[j] for j in idx], tok.pad_id).to(info.device)
             with trainer.autocast():
-                terms = pair_terms(net, "val", idx, batch)
-            acc[:7] += sums(*terms, len(idx))
+                terms = pair_terms(net, batch, ref_sums("val", idx, batch), beta, loss_type)
+            acc[:7] += pair_sums(*terms)
             acc[7] += len(idx)
         acc = D.all_reduce_sum(acc)
         if acc[7] == 0:
@@ -165,16 +174,6 @@ def run(cfg: Config, out: str | Path) -> dict:
         return {**summary(acc, acc[7].item(), "val_"), "val_pairs": int(acc[7].item())}
 
     result = trainer.fit(step_fn, eval_fn if data.val else None, desc="dpo")
-    state = D.full_state_dict(net)
-    metrics = flatten_metrics(result)
-    if info.is_main:
-        final = fresh_like(D.unwrap(net))  # an unsharded copy holding the full weights
-        final.load_state_dict(state)
-        save_model_dir(final, out, cfg.model, tok)
-        write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data=data.meta)
-        print(f"dpo: done in {time.time() - t_start:.0f}s; " +
-              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                        if k in ("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin",
-                                 "eval_val_chosen_drift")) + f"; model written to {out}")
-    D.barrier()
-    return metrics
+    return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg), data=data.meta,
+                  shown=("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin",
+                         "eval_val_chosen_drift"))

@@ -13,75 +13,107 @@ One trainer step = one rollout batch + its update epochs:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from chatforge import losses
 from chatforge.config import Config, ConfigError
-from chatforge.rl.common import RLRun, global_sums, print_role_memory, reward_module, update_epochs
-from chatforge.rl.rollout import RolloutBatch, response_logprobs
+from chatforge.rl.prompts import PromptLoader, load_prompt_set
+from chatforge.rl.roles import check_rl_config, load_roles, print_role_memory, reward_module
+from chatforge.rl.rollout import RolloutBatch, collect, log_samples, response_logprobs, rollout_metrics
+from chatforge.rl.stats import global_sums
+from chatforge.rl.update import update_epochs
+from chatforge.stages.common import finish_rl, stage_entry, start
 from chatforge.trainer import Trainer
 
+PER_UNIT = ("policy_loss", "kl_loss")  # averaged as rl.loss_averaging says (per token or per sequence)
+PER_TOKEN = ("clipfrac", "approx_kl", "entropy")
 
-def run(cfg: Config, out: str | Path) -> dict:
-    rl = cfg.rl
-    if rl.algo == "ppo":  # the shared section's default: this stage runs GRPO unless told rloo
-        rl.algo = "grpo"
-    if rl.algo not in ("grpo", "rloo"):
+
+def resolve_algo(rl) -> str:
+    """'grpo' or 'rloo': rl.algo, whose shared default 'ppo' means GRPO here (the config is left as given)."""
+    algo = "grpo" if rl.algo == "ppo" else rl.algo
+    if algo not in ("grpo", "rloo"):
         raise ConfigError(f"rl.algo={rl.algo!r}: the grpo stage runs 'grpo' or 'rloo'")
     if rl.group_size < 2:
-        raise ConfigError(f"rl.group_size={rl.group_size}: {rl.algo} needs at least 2 samples per prompt")
-    G, T = rl.group_size, rl.temperature
-    R = RLRun(cfg, out, need_ref=rl.grpo_kl_coef > 0)
-    info = R.info
+        raise ConfigError(f"rl.group_size={rl.group_size}: {algo} needs at least 2 samples per prompt")
+    return algo
+
+
+def advantages(score: torch.Tensor, algo: str, G: int) -> torch.Tensor:
+    """One advantage per response (N*G,) from its group's scores: GRPO (r - mean) / (std + eps), RLOO r - the
+    mean of the other G - 1."""
+    if algo == "grpo":
+        return losses.grpo_advantages(score, G)  # (N*G,)
+    return losses.rloo_advantages(score.view(-1, G)).reshape(-1)  # (N*G,)
+
+
+def summarise(res: dict) -> dict:
+    """A minibatch's global sums -> means (loss terms per unit, diagnostics per token), and the gradient norm."""
+    n, n_tok = max(res["count"], 1.0), max(res["tokens"], 1.0)
+    return {**{k: res[k] / n for k in PER_UNIT if k in res}, **{k: res[k] / n_tok for k in PER_TOKEN if k in res},
+            **{k: v for k, v in res.items() if "grad_norm" in k}}
+
+
+@stage_entry
+def run(cfg: Config, out: str | Path) -> dict:
+    rl, t_start = cfg.rl, time.time()
+    algo = resolve_algo(rl)
+    check_rl_config(cfg)
+    out, info = start(cfg, out)
+    roles = load_roles(cfg, info.device, need_ref=rl.grpo_kl_coef > 0)
+    prompts = load_prompt_set(cfg, roles.tok, roles.model_cfg.block_size, log=info.is_main)
+    loader = PromptLoader(len(prompts.ids), rl.prompts_per_step, cfg.train.seed, info.rank, info.world_size)
+    G, T, MB = rl.group_size, rl.temperature, cfg.train.batch_size
     if info.is_main:
-        print_role_memory({"actor": R.actor, "reference": R.ref, "reward": reward_module(R.reward)},
+        print_role_memory({"actor": roles.actor, "reference": roles.ref, "reward": reward_module(roles.reward)},
                           trainable=("actor",))
-        print(f"{rl.algo}: {rl.prompts_per_step} prompts x {G} samples x {info.world_size} processes per rollout, "
+        print(f"{algo}: {rl.prompts_per_step} prompts x {G} samples x {info.world_size} processes per rollout, "
               f"{rl.max_new_tokens} new tokens, {rl.ppo_epochs} epochs x {rl.minibatches} minibatches, "
               f"loss averaged per {rl.loss_averaging}, KL coef {rl.grpo_kl_coef}")
-    trainer = Trainer(cfg, R.out, {"actor": R.actor}, info, state={"prompts": R.loader})
+    trainer = Trainer(cfg, out, {"actor": roles.actor}, info, state={"prompts": loader}, model_cfg=roles.model_cfg)
     actor_net = trainer.models["actor"]
-    unit = "tokens" if rl.loss_averaging == "token" else "seqs"
+    per_seq = rl.loss_averaging == "sequence"
 
-    def loss_fn(sub: RolloutBatch, counts: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+    def micro_step(sub: RolloutBatch, epoch: int) -> tuple[torch.Tensor, float, dict]:
+        """The clipped objective (+ k3 KL to the reference) summed over tokens, or over sequences of their
+        token means (rl.loss_averaging='sequence')."""
         m = sub.response_mask  # (b, r)
+        n_tok = m.sum()
         logp, ent = response_logprobs(actor_net, sub, T, with_entropy=epoch == 0)  # (b, r)
         adv = sub.extra["advantages"][:, None].expand_as(m)  # (b, r): one advantage per response
-        pg, pst = losses.ppo_policy_loss(logp, sub.extra["old_logp"], adv, m, rl.clip_eps, reduction=rl.loss_averaging)
-        w_tok = m.sum() / counts["tokens"]  # share of the minibatch's global tokens
-        w = w_tok if unit == "tokens" else len(sub) / counts["seqs"]  # share in the stated averaging
+        pg, pst = losses.ppo_policy_loss(logp, sub.extra["old_logp"], adv, m, rl.clip_eps,
+                                         reduction="sequence_sum" if per_seq else "token_sum")
+        stats = {"policy_loss": pg.detach(), "clipfrac": pst["clipfrac"] * n_tok,
+                 "approx_kl": pst["approx_kl"] * n_tok, "tokens": n_tok}
         loss = pg
-        stats = {"policy_loss": pg.detach() * w, "clipfrac": pst["clipfrac"] * w_tok,
-                 "approx_kl": pst["approx_kl"] * w_tok}
         if "ref_logp" in sub.extra:
             k3 = losses.kl_penalty(logp, sub.extra["ref_logp"], "k3")  # (b, r)
-            kl = losses.masked_mean(k3, m) if unit == "tokens" else losses.masked_mean(k3, m, dim=1).mean()
+            kl = losses.masked_mean(k3, m, dim=1).sum() if per_seq else losses.masked_sum(k3, m)
             loss = loss + rl.grpo_kl_coef * kl
-            stats["kl_loss"] = kl.detach() * w
+            stats["kl_loss"] = kl.detach()
         if ent is not None:
-            stats["entropy"] = losses.masked_mean(ent, m) * w_tok
-        return loss * w, stats
+            stats["entropy"] = losses.masked_sum(ent, m)
+        return loss, (len(sub) if per_seq else n_tok), stats
 
     def step_fn(step: int) -> dict:
-        r = R.rollout(trainer, step, repeat=G)
+        r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank,
+                    micro_rows=MB, repeat=G)
         b, m = r.batch, r.batch.response_mask  # m (N*G, R)
-        if rl.algo == "grpo":
-            adv = losses.grpo_advantages(r.score, G)  # (N*G,)
-        else:
-            adv = losses.rloo_advantages(r.score.view(-1, G)).reshape(-1)  # (N*G,)
-        b.extra["advantages"] = adv
+        b.extra["advantages"] = advantages(r.score, algo, G)  # (N*G,)
         n, zero_groups = global_sums(len(b) // G, (r.score.view(-1, G).std(dim=1) == 0).float().sum())
         kl_metric = {}
         if "ref_logp" in b.extra:
             kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], "k1") * m  # (B, R)
             kl_metric["kl"] = global_sums(kl.sum())[0] / (n * G)
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-        stats = update_epochs(trainer, b, rl, cfg.train.batch_size, gen, loss_fn)
-        R.write_samples(trainer, step, r)
+        stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
+                              generator=gen, micro_step=micro_step, summarise=summarise)
+        log_samples(trainer, step, r, rl.sample_every)
         loss = stats["policy_loss"] + rl.grpo_kl_coef * stats.get("kl_loss", 0.0)
-        return {"loss": loss, **R.rollout_metrics(r), **kl_metric, "zero_std_groups": zero_groups / n, **stats}
+        return {"loss": loss, **rollout_metrics(r), **kl_metric, "zero_std_groups": zero_groups / n, **stats}
 
-    result = trainer.fit(step_fn, None, desc=rl.algo, show=("reward", "kl"))
-    return R.save(trainer, result, extra={"algo": rl.algo})
+    result = trainer.fit(step_fn, None, desc=algo, show=("reward", "kl"))
+    return finish_rl(trainer, cfg, roles, prompts, result, t_start, algo)

@@ -8,11 +8,13 @@ One trainer step = one rollout batch + its PPO epochs:
   3. advantages GAE (gamma, lambda) on the critic's values, whitened with global statistics
   4. updates    rl.ppo_epochs x rl.minibatches: clipped policy loss + rl.vf_coef * clipped value loss,
                 one trainer.optimizer_step() (clip, step actor and critic) per minibatch
-Roles and memory: see chatforge/rl/common.py.
+Roles and memory: chatforge/rl/roles.py; the rollout: rl/rollout.py; the update loop: rl/update.py; the
+losses, GAE and whitening: chatforge/losses.py. This file is the algorithm and nothing else.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -22,11 +24,17 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.model.load import load_scalar_model, scalar_from_causal
 from chatforge.model.lora import apply_lora
-from chatforge.rl.common import (RLRun, check_finite, disable_dropout, global_masked_moments, global_sums,
-                                 print_role_memory, reward_module, update_epochs)
 from chatforge.rl.kl_controller import make_kl_controller
-from chatforge.rl.rollout import RolloutBatch, response_logprobs, response_values
+from chatforge.rl.prompts import PromptLoader, load_prompt_set
+from chatforge.rl.roles import check_rl_config, disable_dropout, load_roles, print_role_memory, reward_module
+from chatforge.rl.rollout import (RolloutBatch, chunked, collect, log_samples, response_logprobs, response_values,
+                                  rollout_metrics)
+from chatforge.rl.stats import check_finite, global_masked_moments, global_sums
+from chatforge.rl.update import update_epochs
+from chatforge.stages.common import finish_rl, stage_entry, start
 from chatforge.trainer import Trainer
+
+PER_TOKEN = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy")
 
 
 def build_critic(cfg: Config, actor: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -38,62 +46,91 @@ def build_critic(cfg: Config, actor: torch.nn.Module, device: torch.device) -> t
     return disable_dropout(apply_lora(critic, cfg.lora)).to(device)
 
 
+def print_plan(rl, roles, critic: torch.nn.Module, world_size: int) -> None:
+    print_role_memory({"actor": roles.actor, "critic": critic, "reference": roles.ref,
+                       "reward": reward_module(roles.reward)}, trainable=("actor", "critic"))
+    print(f"ppo: {rl.prompts_per_step} prompts x {world_size} processes per rollout, {rl.max_new_tokens} "
+          f"new tokens, {rl.ppo_epochs} epochs x {rl.minibatches} minibatches; reward "
+          f"{rl.reward_model or rl.reward_fn}; beta {rl.kl_coef}" + (f" -> KL target {rl.kl_target}" if rl.kl_target else ""))
+
+
+def advantages(trainer: Trainer, b: RolloutBatch, score: torch.Tensor, beta: float, rl, micro_rows: int,
+               step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (the score at the last response token - beta * KL per token) -> GAE advantages (whitened over every
+    rank) and returns, stored in ``b.extra`` with the critic's values; returns (per-token KL (B, R), non-score
+    reward per row (B,))."""
+    m = b.response_mask  # (B, R)
+    critic = D.unwrap(trainer.models["critic"])
+    with torch.no_grad(), trainer.autocast():
+        b.extra["values"] = chunked(b, micro_rows, lambda s: response_values(critic, s))  # (B, R)
+    kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], rl.kl_estimator) * m  # (B, R)
+    rewards, non_score = losses.rlhf_rewards(score, kl, m, beta)  # (B, R), (B,)
+    adv, returns = losses.gae(rewards, b.extra["values"], m, rl.gamma, rl.lam)  # (B, R) each
+    if rl.whiten_advantages:
+        mean, var = global_masked_moments(adv, m)
+        adv = losses.whiten(adv, m, mean=mean, var=var)
+    check_finite("the advantages", adv, step)
+    b.extra.update(advantages=adv, returns=returns)
+    return kl, non_score
+
+
+def summarise(res: dict) -> dict:
+    """A minibatch's global sums -> per-token means, and the gradient norms."""
+    n = max(res["count"], 1.0)
+    return {**{k: res[k] / n for k in PER_TOKEN if k in res}, **{k: v for k, v in res.items() if "grad_norm" in k}}
+
+
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
-    rl = cfg.rl
+    rl, t_start = cfg.rl, time.time()
     if rl.algo != "ppo":
         raise ConfigError(f"rl.algo={rl.algo!r}: the ppo stage runs PPO; use `chatforge grpo --rl.algo={rl.algo}`")
-    R = RLRun(cfg, out, need_ref=True)
-    info, T = R.info, rl.temperature
-    critic = build_critic(cfg, R.actor, info.device)
+    check_rl_config(cfg)
+    out, info = start(cfg, out)
+    roles = load_roles(cfg, info.device, need_ref=True)
+    prompts = load_prompt_set(cfg, roles.tok, roles.model_cfg.block_size, log=info.is_main)
+    loader = PromptLoader(len(prompts.ids), rl.prompts_per_step, cfg.train.seed, info.rank, info.world_size)
+    T, MB = rl.temperature, cfg.train.batch_size
+    critic = build_critic(cfg, roles.actor, info.device)
     kl_ctl = make_kl_controller(rl.kl_coef, rl.kl_target, rl.kl_horizon)
     if info.is_main:
-        print_role_memory({"actor": R.actor, "critic": critic, "reference": R.ref, "reward": reward_module(R.reward)},
-                          trainable=("actor", "critic"))
-        W = info.world_size
-        print(f"ppo: {rl.prompts_per_step} prompts x {W} processes per rollout, {rl.max_new_tokens} new tokens, "
-              f"{rl.ppo_epochs} epochs x {rl.minibatches} minibatches; reward "
-              f"{rl.reward_model or rl.reward_fn}; beta {rl.kl_coef}" + (f" -> KL target {rl.kl_target}" if rl.kl_target else ""))
-    trainer = Trainer(cfg, R.out, {"actor": R.actor, "critic": critic}, info,
-                      lrs={"critic": rl.critic_lr or cfg.optim.lr}, state={"prompts": R.loader, "kl": kl_ctl})
+        print_plan(rl, roles, critic, info.world_size)
+    trainer = Trainer(cfg, out, {"actor": roles.actor, "critic": critic}, info,
+                      lrs={"critic": rl.critic_lr or cfg.optim.lr}, state={"prompts": loader, "kl": kl_ctl},
+                      model_cfg=roles.model_cfg)
     actor_net, critic_net = trainer.models["actor"], trainer.models["critic"]
 
-    def loss_fn(sub: RolloutBatch, counts: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+    def micro_step(sub: RolloutBatch, epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Clipped policy + value losses summed over the micro-batch's response tokens."""
         m = sub.response_mask  # (b, r)
+        n = m.sum()
         logp, ent = response_logprobs(actor_net, sub, T, with_entropy=epoch == 0)  # (b, r)
-        pg, pst = losses.ppo_policy_loss(logp, sub.extra["old_logp"], sub.extra["advantages"], m, rl.clip_eps)
+        pg, pst = losses.ppo_policy_loss(logp, sub.extra["old_logp"], sub.extra["advantages"], m, rl.clip_eps,
+                                         reduction="token_sum")
         values = response_values(critic_net, sub)  # (b, r)
-        vf, vst = losses.ppo_value_loss(values, sub.extra["values"], sub.extra["returns"], m, rl.value_clip_eps)
-        w = m.sum() / counts["tokens"]  # this micro-batch's share of the minibatch's global tokens
-        stats = {"policy_loss": pg.detach() * w, "value_loss": vf.detach() * w, "clipfrac": pst["clipfrac"] * w,
-                 "approx_kl": pst["approx_kl"] * w, "vf_clipfrac": vst["vf_clipfrac"] * w}
+        vf, vst = losses.ppo_value_loss(values, sub.extra["values"], sub.extra["returns"], m, rl.value_clip_eps,
+                                        reduction="sum")
+        stats = {"policy_loss": pg.detach(), "value_loss": vf.detach(), "clipfrac": pst["clipfrac"] * n,
+                 "approx_kl": pst["approx_kl"] * n, "vf_clipfrac": vst["vf_clipfrac"] * n}
         if ent is not None:
-            stats["entropy"] = losses.masked_mean(ent, m) * w
-        return (pg + rl.vf_coef * vf) * w, stats
+            stats["entropy"] = losses.masked_sum(ent, m)
+        return pg + rl.vf_coef * vf, n, stats
 
     def step_fn(step: int) -> dict:
-        r = R.rollout(trainer, step)
-        b, m = r.batch, r.batch.response_mask  # m (B, R)
-        with torch.no_grad(), trainer.autocast():
-            b.extra["values"] = R.chunked(b, lambda s: response_values(D.unwrap(critic_net), s))  # (B, R)
-        kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], rl.kl_estimator) * m  # (B, R)
-        beta = kl_ctl.value
-        rewards, non_score = losses.rlhf_rewards(r.score, kl, m, beta)  # (B, R), (B,)
-        adv, returns = losses.gae(rewards, b.extra["values"], m, rl.gamma, rl.lam)  # (B, R) each
-        if rl.whiten_advantages:
-            mean, var = global_masked_moments(adv, m)
-            adv = losses.whiten(adv, m, mean=mean, var=var)
-        check_finite("the advantages", adv, step)
-        b.extra.update(advantages=adv, returns=returns)
+        r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank, micro_rows=MB)
+        b, m, beta = r.batch, r.batch.response_mask, kl_ctl.value
+        kl, non_score = advantages(trainer, b, r.score, kl_ctl.value, rl, MB, step)
         n, kl_sum, ns_sum = global_sums(len(b), kl.sum(), non_score.sum())
-        _, var_ret = global_masked_moments(returns, m)
-        _, var_err = global_masked_moments(returns - b.extra["values"], m)
+        _, var_ret = global_masked_moments(b.extra["returns"], m)
+        _, var_err = global_masked_moments(b.extra["returns"] - b.extra["values"], m)
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-        stats = update_epochs(trainer, b, rl, cfg.train.batch_size, gen, loss_fn)
+        stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
+                              generator=gen, micro_step=micro_step, summarise=summarise)
         kl_ctl.update(kl_sum / n, int(n))
-        R.write_samples(trainer, step, r)
-        return {"loss": stats["policy_loss"] + rl.vf_coef * stats["value_loss"], **R.rollout_metrics(r),
+        log_samples(trainer, step, r, rl.sample_every)
+        return {"loss": stats["policy_loss"] + rl.vf_coef * stats["value_loss"], **rollout_metrics(r),
                 "kl": kl_sum / n, "non_score_reward": ns_sum / n, "beta": beta,
                 "explained_variance": 1.0 - var_err / var_ret if var_ret > 0 else 0.0, **stats}
 
     result = trainer.fit(step_fn, None, desc="ppo", show=("reward", "kl", "beta"))
-    return R.save(trainer, result)
+    return finish_rl(trainer, cfg, roles, prompts, result, t_start, "ppo")

@@ -1,4 +1,9 @@
-"""Stage 1: pretrain a base model from scratch (or continue pretraining) on raw text."""
+"""Stage 1: pretrain a base model from scratch (or continue pretraining) on raw text.
+
+Next-token prediction on every token: a micro-step returns the summed cross-entropy of its windows and their
+token count, and the trainer divides by the step's global count. Eval: held-out loss and bits per byte.
+The tokenizer is the starting model's, ``tokenizer.path``, or trained here on the corpus.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,12 @@ import torch
 
 from chatforge import distributed as D
 from chatforge import losses
-from chatforge.config import Config
+from chatforge.config import Config, ModelConfig, ResolvedRun
 from chatforge.data.pretrain import TokenLoader, build_token_data, corpus_files, iter_documents, val_windows
+from chatforge.evaluate import token_nll
 from chatforge.model.gpt import GPT
-from chatforge.model.hf_causal import fresh_like
 from chatforge.model.load import load_causal_lm, load_tokenizer
-from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
+from chatforge.stages.common import finish, stage_entry, start
 from chatforge.tokenizer import ChatTokenizer, train_tokenizer
 from chatforge.trainer import Trainer
 
@@ -43,21 +48,21 @@ def tokenizer_for(cfg: Config, out: Path, info: D.DistInfo) -> ChatTokenizer:
     return ChatTokenizer.load(out)
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> torch.nn.Module:
-    """A fresh, initialised GPT, or the starting model of ``model.init`` (its shape wins; any local
-    Hugging Face causal LM, see model/load.py)."""
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> tuple[torch.nn.Module, ModelConfig]:
+    """(model, its shape): a fresh, initialised GPT of ``cfg.model``, or the starting model of ``model.init``
+    (its own shape; any local Hugging Face causal LM, see model/load.py)."""
     if cfg.model.init:
-        model, cfg.model, _ = load_causal_lm(cfg.model.init, trust_remote_code=cfg.model.trust_remote_code)
+        model, mcfg, _ = load_causal_lm(cfg.model.init, trust_remote_code=cfg.model.trust_remote_code)
     else:
-        model = GPT(cfg.model, vocab_size)
+        model, mcfg = GPT(cfg.model, vocab_size), cfg.model
         model.init_weights()
-    return model.to(device)
+    return model.to(device), mcfg
 
 
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
-    out = check_out_dir(Path(out))
-    info = setup(cfg)
+    out, info = start(cfg, out)
     tok = tokenizer_for(cfg, out, info)
     data = build_token_data(cfg.data.path, tok, out / "tokens", cfg.data.val_fraction,
                             progress=info.is_main and cfg.train.progress) if info.is_main else None
@@ -65,8 +70,8 @@ def run(cfg: Config, out: str | Path) -> dict:
     if data is None:
         data = build_token_data(cfg.data.path, tok, out / "tokens", cfg.data.val_fraction, progress=False)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg, tok.vocab_size, info.device)
-    T, B, A, W = cfg.model.block_size, cfg.train.batch_size, cfg.train.grad_accum, info.world_size
+    model, mcfg = build_model(cfg, tok.vocab_size, info.device)
+    T, B, A, W = mcfg.block_size, cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     loader = TokenLoader(data.train, T, B, sampling=cfg.data.sampling, seed=cfg.train.seed,
                          rank=info.rank, world_size=W, source=", ".join(cfg.data.path))
     if info.is_main:
@@ -74,49 +79,28 @@ def run(cfg: Config, out: str | Path) -> dict:
               f"{data.meta['train_tokens']:,} train / {data.meta['val_tokens']:,} val tokens")
         print(f"batch: {B} seqs x {T} tokens x {A} accumulation x {W} processes = {B * T * A * W:,} tokens per step")
     trainer = Trainer(cfg, out, {"model": model}, info, state={"data": loader},
-                      flops_per_token=model.flops_per_token())
+                      flops_per_token=model.flops_per_token(), model_cfg=mcfg)
     net = trainer.models["model"]  # wrapped (DDP/FSDP, compiled): for training
     plain = trainer.raw["model"]  # eval needs no gradient sync and would only recompile a compiled model
-    step_tokens = B * T * A * W
+
+    def micro_step(xy) -> tuple[torch.Tensor, int, dict]:
+        x, y = (t.to(info.device, non_blocking=True) for t in xy)  # (B, T) each
+        loss_sum, _ = losses.lm_loss(net(x), y)
+        return loss_sum, y.numel(), {}  # every target is a real token
 
     def step_fn(step: int) -> dict:
-        total = torch.zeros((), device=info.device)
-        for i, (x, y) in enumerate(loader.next(A)):
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            with trainer.micro(last=i == A - 1):
-                loss_sum, _ = losses.lm_loss(net(x), y)
-            trainer.backward(loss_sum * trainer.grad_scale() / step_tokens)
-            total += loss_sum.detach().float()
-        stats = trainer.optimizer_step()
-        loss = D.all_reduce_sum(total).item() / step_tokens
-        return {"loss": loss, "tokens": step_tokens, **stats}
+        res = trainer.accumulate(loader.next(A), micro_step)
+        return {"loss": res.pop("loss"), "tokens": res.pop("count"), **res}
 
     def eval_fn(step: int) -> dict:
-        nll = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, token count)
-        for x, y in val_windows(data.val, T, B, cfg.train.eval_batches, info.rank, W):
-            x, y = x.to(info.device), y.to(info.device)
-            with trainer.autocast():
-                loss_sum, n = losses.lm_loss(plain(x), y)
-            nll += torch.tensor([loss_sum.item(), float(n)], dtype=torch.float64)
-        nll = D.all_reduce_sum(nll)
-        if nll[1] == 0:
+        total, n = token_nll(plain, val_windows(data.val, T, B, cfg.train.eval_batches, info.rank, W), info.device,
+                             trainer.autocast)
+        if n == 0:
             return {}
-        val_loss = (nll[0] / nll[1]).item()
-        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / data.val_bytes_per_token}
+        return {"val_loss": total / n, "val_bpb": total / n / math.log(2) / data.val_bytes_per_token}
 
     result = trainer.fit(step_fn, eval_fn if data.meta["val_tokens"] > 1 else None, desc="pretrain")
-    state = D.full_state_dict(net)
-    if info.is_main:
-        final = fresh_like(D.unwrap(net))  # an unsharded copy (same class and shapes)
-        final.load_state_dict(state)
-        save_model_dir(final, out, cfg.model, tok)
-        metrics = flatten_metrics(result)
-        write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data={
-            "files": data.meta["files"], "fingerprint": data.meta["files_fingerprint"],
-            "tokenizer_fingerprint": tok.fingerprint(), "train_tokens": data.meta["train_tokens"],
-            "val_tokens": data.meta["val_tokens"]})
-        print(f"pretrain: done in {time.time() - t_start:.0f}s; " +
-              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("train_loss", "eval_val_loss", "eval_val_bpb")) +
-              f"; model written to {out}")
-    D.barrier()
-    return flatten_metrics(result)
+    return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg), data={
+        "files": data.meta["files"], "fingerprint": data.meta["files_fingerprint"],
+        "tokenizer_fingerprint": tok.fingerprint(), "train_tokens": data.meta["train_tokens"],
+        "val_tokens": data.meta["val_tokens"]}, shown=("train_loss", "eval_val_loss", "eval_val_bpb"))

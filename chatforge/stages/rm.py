@@ -22,14 +22,13 @@ import torch
 
 from chatforge import distributed as D
 from chatforge import losses
-from chatforge.config import Config, ConfigError
-from chatforge.data.batching import BucketBatcher, eval_batches, pad
+from chatforge.config import Config, ConfigError, ResolvedRun
+from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.pairs import PairData, PairSequences, collate_unique, load_pair_data, pair_lengths
-from chatforge.model.heads import gather_last
-from chatforge.model.hf_causal import fresh_like
+from chatforge.model.heads import gather_last, score_sequences
 from chatforge.model.load import load_causal_lm, scalar_from_causal
 from chatforge.model.lora import apply_lora
-from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
+from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
 
 
@@ -69,20 +68,6 @@ def calibration_table(r_c: torch.Tensor, r_r: torch.Tensor, bins: int) -> tuple[
     return rows, ece
 
 
-@torch.inference_mode()
-def score_sequences(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Rewards (N,) fp32 of whole sequences (each read at its last token), in length-sorted batches."""
-    device = next(model.parameters()).device
-    out = torch.empty(len(seqs), dtype=torch.float32)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        ids = pad([seqs[i] for i in idx], pad_id, "right").to(device)  # (b, T)
-        mask = pad([[1] * len(seqs[i]) for i in idx], 0, "right").to(device)  # (b, T)
-        out[idx] = gather_last(model(ids), mask).float().cpu()  # (b,)
-    return out
-
-
 def reference_sequences(data: PairData, n: int) -> list[list[int]]:
     """Up to ``n`` prompt+response sequences: held-out pairs first, then training pairs, both sides."""
     seqs: list[list[int]] = []
@@ -100,67 +85,74 @@ def reward_norm(model: torch.nn.Module, data: PairData, n: int, pad_id: int) -> 
     return {"mean": r.mean().item(), "std": max(std, 1e-6), "n": len(r)}
 
 
+def held_out_rewards(trainer: Trainer, net: torch.nn.Module, data: PairData, pad_id: int,
+                     max_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) of every held-out pair (up to ``max_batches``), gathered from all ranks."""
+    info, rc, rr = trainer.info, [], []
+    for idx in eval_batches(pair_lengths(data.val), trainer.cfg.train.batch_size, info.rank, info.world_size,
+                            max_batches):
+        batch = collate_unique([data.val[j] for j in idx], pad_id).to(info.device)
+        with trainer.autocast():
+            c, r = pair_rewards(net, batch)
+        rc += c.float().cpu().tolist()
+        rr += r.float().cpu().tolist()
+    parts = D.all_gather_objects((rc, rr))
+    return (torch.tensor([x for p in parts for x in p[0]], dtype=torch.float64),
+            torch.tensor([x for p in parts for x in p[1]], dtype=torch.float64))
+
+
+def final_record(final: torch.nn.Module, data: PairData, cfg: Config, pad_id: int, result: dict) -> dict:
+    """reward_norm (PPO/GRPO read it), the calibration table and the held-out accuracy, for chatforge.json."""
+    norm = reward_norm(final, data, cfg.rm.norm_samples, pad_id)
+    last_eval = result.get("eval") or {}
+    extra = {"reward_norm": norm, "calibration": last_eval.get("calibration", [])}
+    if "val_accuracy" in last_eval:
+        extra["accuracy"] = last_eval["val_accuracy"]  # held-out preference accuracy (chance = 0.5)
+    print(f"rm: reward mean {norm['mean']:.4g} std {norm['std']:.4g} on {norm['n']} reference sequences")
+    return extra
+
+
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     if not cfg.model.init:
         raise ConfigError("rm: --model.init is required (the SFT model directory the reward model starts from)")
-    out = check_out_dir(Path(out))
-    info = setup(cfg)
-    policy, cfg.model, tok = load_causal_lm(cfg.model.init, "cpu", trust_remote_code=cfg.model.trust_remote_code)
-    data = load_pair_data(cfg.data, tok, cfg.model.block_size, verbose=info.is_main)
+    out, info = start(cfg, out)
+    policy, mcfg, tok = load_causal_lm(cfg.model.init, "cpu", trust_remote_code=cfg.model.trust_remote_code)
+    data = load_pair_data(cfg.data, tok, mcfg.block_size, verbose=info.is_main)
     torch.manual_seed(cfg.train.seed)  # the same score head on every rank
     model = apply_lora(scalar_from_causal(policy, score_std=None), cfg.lora).to(info.device)
     del policy
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
-    step_pairs = B * A * W  # BucketBatcher always fills every micro-batch
-    lengths = pair_lengths(data.train)
     groups = [tuple(p.prompt) for p in data.train] if cfg.rm.group_by_prompt else None
-    batcher = BucketBatcher(lengths, B, A, seed=cfg.train.seed, rank=info.rank, world_size=W, groups=groups)
+    batcher = BucketBatcher(pair_lengths(data.train), B, A, seed=cfg.train.seed, rank=info.rank, world_size=W,
+                            groups=groups)
     if info.is_main:
         print(f"rm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data.train):,} train / {len(data.val):,} held-out pairs; "
-              f"batch {B} pairs x {A} accumulation x {W} processes = {step_pairs} pairs per step")
-    trainer = Trainer(cfg, out, {"model": model}, info, state={"data": batcher})
+              f"batch {B} pairs x {A} accumulation x {W} processes = {B * A * W} pairs per step")
+    trainer = Trainer(cfg, out, {"model": model}, info, state={"data": batcher}, model_cfg=mcfg)
     net = trainer.models["model"]
     margin = cfg.rm.margin
 
-    def step_fn(step: int) -> dict:
-        # sums over this rank's pairs: loss, correct, margin, reward, reward^2, tokens
-        acc = torch.zeros(6, dtype=torch.float64)
-        micro = batcher.next()
-        for i, idx in enumerate(micro):
-            batch = collate_unique([data.train[j] for j in idx], tok.pad_id).to(info.device)
-            with trainer.micro(last=i == len(micro) - 1):
-                r_c, r_r = pair_rewards(net, batch)  # (B,), (B,)
-                loss = losses.bradley_terry(r_c, r_r, margin).sum()
-            trainer.backward(loss * trainer.grad_scale() / step_pairs)
-            r = torch.cat([r_c, r_r]).detach().double()
-            acc += torch.tensor([loss.item(), (r_c > r_r).sum().item(), (r_c - r_r).sum().item(),
-                                 r.sum().item(), (r * r).sum().item(), batch.attention_mask.sum().item()],
-                                dtype=torch.float64)
-        stats = trainer.optimizer_step()
-        acc = D.all_reduce_sum(acc)
-        n = float(step_pairs)
-        mean = acc[3].item() / (2 * n)
-        var = max(acc[4].item() / (2 * n) - mean * mean, 0.0)
-        return {"loss": acc[0].item() / n, "accuracy": acc[1].item() / n, "margin": acc[2].item() / n,
-                "reward_mean": mean, "reward_std": math.sqrt(var), "tokens": acc[5].item(), **stats}
+    def micro_step(idx: list[int]) -> tuple[torch.Tensor, int, dict]:
+        batch = collate_unique([data.train[j] for j in idx], tok.pad_id).to(info.device)
+        r_c, r_r = pair_rewards(net, batch)  # (B,), (B,)
+        r = torch.cat([r_c, r_r]).detach().double()  # (2B,)
+        return losses.bradley_terry(r_c, r_r, margin).sum(), len(idx), {
+            "correct": (r_c > r_r).sum(), "margin": (r_c - r_r).sum(), "reward": r.sum(), "reward2": (r * r).sum(),
+            "tokens": batch.attention_mask.sum()}
 
-    def eval_rewards() -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_chosen, r_rejected) of every held-out pair (up to train.eval_batches), gathered from all ranks."""
-        rc, rr = [], []
-        for idx in eval_batches(pair_lengths(data.val), B, info.rank, W, cfg.train.eval_batches):
-            batch = collate_unique([data.val[j] for j in idx], tok.pad_id).to(info.device)
-            with trainer.autocast():
-                c, r = pair_rewards(net, batch)
-            rc += c.float().cpu().tolist()
-            rr += r.float().cpu().tolist()
-        parts = D.all_gather_objects((rc, rr))
-        return (torch.tensor([x for p in parts for x in p[0]], dtype=torch.float64),
-                torch.tensor([x for p in parts for x in p[1]], dtype=torch.float64))
+    def step_fn(step: int) -> dict:
+        res = trainer.accumulate(batcher.next(), micro_step)  # normalised by the step's pairs
+        n = res.pop("count")
+        mean = res.pop("reward") / (2 * n)
+        var = max(res.pop("reward2") / (2 * n) - mean * mean, 0.0)
+        return {"loss": res.pop("loss"), "accuracy": res.pop("correct") / n, "margin": res.pop("margin") / n,
+                "reward_mean": mean, "reward_std": math.sqrt(var), "tokens": res.pop("tokens"), **res}
 
     def eval_fn(step: int) -> dict:
-        r_c, r_r = eval_rewards()
+        r_c, r_r = held_out_rewards(trainer, net, data, tok.pad_id, cfg.train.eval_batches)
         if len(r_c) == 0:
             return {}
         table, ece = calibration_table(r_c, r_r, cfg.rm.calibration_bins)
@@ -172,22 +164,5 @@ def run(cfg: Config, out: str | Path) -> dict:
                 "val_ece": ece, "val_pairs": len(r_c), "calibration": table}
 
     result = trainer.fit(step_fn, eval_fn if data.val else None, desc="rm")
-    state = D.full_state_dict(net)
-    metrics = flatten_metrics(result)
-    if info.is_main:
-        final = fresh_like(D.unwrap(net))  # an unsharded copy holding the full weights
-        final.load_state_dict(state)
-        final.eval()
-        norm = reward_norm(final, data, cfg.rm.norm_samples, tok.pad_id)
-        save_model_dir(final, out, cfg.model, tok)
-        last_eval = result.get("eval") or {}
-        extra = {"reward_norm": norm, "calibration": last_eval.get("calibration", [])}
-        if "val_accuracy" in last_eval:
-            extra["accuracy"] = last_eval["val_accuracy"]  # held-out preference accuracy (chance = 0.5)
-        write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start, data=data.meta, extra=extra)
-        print(f"rm: done in {time.time() - t_start:.0f}s; " +
-              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                        if k in ("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin")) +
-              f"; reward mean {norm['mean']:.4g} std {norm['std']:.4g}; model written to {out}")
-    D.barrier()
-    return metrics
+    return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg), data=data.meta,
+                  on_final=lambda final: final_record(final, data, cfg, tok.pad_id, result), shown=("train_loss", "eval_val_loss", "eval_val_accuracy", "eval_val_margin"))

@@ -19,13 +19,13 @@ import torch
 
 from chatforge import distributed as D
 from chatforge import losses
-from chatforge.config import Config, ConfigError
+from chatforge.config import Config, ConfigError, ResolvedRun
 from chatforge.data.sft import SFTLoader, build_sft_data, conversation_prompt, prompt_ids, val_micro_batches
 from chatforge.engine import Engine
-from chatforge.model.hf_causal import fresh_like
+from chatforge.evaluate import token_nll
 from chatforge.model.load import load_causal_lm
 from chatforge.model.lora import apply_lora
-from chatforge.stages.common import check_out_dir, flatten_metrics, save_model_dir, setup, write_run_info
+from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
 
 
@@ -50,15 +50,45 @@ def eval_prompt_set(cfg: Config, data, tok, block_size: int) -> list[tuple[str, 
     return out
 
 
+def print_plan(cfg: Config, model: torch.nn.Module, m: dict, expected_pad: float, T: int, W: int) -> None:
+    B, A = cfg.train.batch_size, cfg.train.grad_accum
+    print(f"sft: {model.num_params() / 1e6:.2f}M parameters from {cfg.model.init}; "
+          f"{m['train']['examples']:,} train / {m['val']['examples']:,} val conversations, "
+          f"{m['train_tokens']:,} train tokens ({m['train_response_tokens']:,} response)")
+    print(f"sft: overlong policy '{cfg.data.overlong}' (context {T}): {m['train']['truncated']} truncated, "
+          f"{m['train']['dropped_overlong'] + m['train']['dropped_no_response']} dropped; "
+          f"padding fraction with length bucketing {expected_pad:.3f}")
+    print(f"batch: {B} conversations x {A} accumulation x {W} processes = {B * A * W} per step")
+
+
+def write_samples(trainer: Trainer, net: torch.nn.Module, tok, prompts: list, cfg: Config, step: int) -> None:
+    """Greedy and sampled answers to the fixed prompts in metrics.jsonl (every rank generates: FSDP needs it)."""
+    if not prompts:
+        return
+    ids = [p for _, p in prompts]
+    gen = torch.Generator(device=trainer.info.device).manual_seed(cfg.train.seed)  # private: training RNG untouched
+    with D.gathered(net) as raw, trainer.autocast():  # FSDP: weights gathered once for the whole decode
+        greedy = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=0.0, stop_ids=[tok.end_id],
+                                      pad_id=tok.pad_id)
+        sampled = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=1.0, stop_ids=[tok.end_id],
+                                       pad_id=tok.pad_id, generator=gen)
+
+    def text(t: list[int]) -> str:
+        return tok.decode(t[:-1] if t and t[-1] == tok.end_id else t)
+
+    rows = [{"prompt": p, "greedy": text(g), "greedy_finished": gf, "sampled": text(s), "sampled_finished": sf}
+            for (p, _), g, gf, s, sf in zip(prompts, greedy.tokens, greedy.finished, sampled.tokens, sampled.finished)]
+    trainer.log.write({"kind": "samples", "step": step, "samples": rows})
+
+
+@stage_entry
 def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     if not cfg.model.init:
         raise ConfigError("sft starts from a trained model: pass --model.init=DIR (e.g. runs/tiny/base, "
                           "the output of `chatforge pretrain`, or a local Hugging Face model directory)")
-    out = check_out_dir(Path(out))
-    info = setup(cfg)
+    out, info = start(cfg, out)
     model, mcfg, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
-    cfg.model = mcfg  # the starting model's shape wins
     model = apply_lora(model, cfg.lora)  # no-op unless lora.r > 0
     T, B, A, W = mcfg.block_size, cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     data = build_sft_data(cfg, tok, T)
@@ -66,84 +96,33 @@ def run(cfg: Config, out: str | Path) -> dict:
     prompts = eval_prompt_set(cfg, data, tok, T)
     expected_pad = loader.expected_padding()
     if info.is_main:
-        m = data.meta
-        print(f"sft: {model.num_params() / 1e6:.2f}M parameters from {cfg.model.init}; "
-              f"{m['train']['examples']:,} train / {m['val']['examples']:,} val conversations, "
-              f"{m['train_tokens']:,} train tokens ({m['train_response_tokens']:,} response)")
-        print(f"sft: overlong policy '{cfg.data.overlong}' (context {T}): {m['train']['truncated']} truncated, "
-              f"{m['train']['dropped_overlong'] + m['train']['dropped_no_response']} dropped; "
-              f"padding fraction with length bucketing {expected_pad:.3f}")
-        print(f"batch: {B} conversations x {A} accumulation x {W} processes = {B * A * W} per step")
+        print_plan(cfg, model, data.meta, expected_pad, T, W)
     trainer = Trainer(cfg, out, {"model": model}, info, state={"data": loader},
-                      flops_per_token=model.flops_per_token())
+                      flops_per_token=model.flops_per_token(), model_cfg=mcfg)
     net = trainer.models["model"]
 
+    def micro_step(batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        x, y, m = (t.to(info.device) for t in batch)  # (B, T) each
+        loss_sum, _ = losses.lm_loss(net(x), y, m)  # right padding: causal attention needs no mask
+        return loss_sum, m.sum(), {"tokens": (x != tok.pad_id).sum(), "positions": x.numel()}
+
     def step_fn(step: int) -> dict:
-        micro = loader.next()
-        # the step's global counts first: the loss is normalised by the response tokens of the whole step
-        counts = torch.tensor([[m.sum().item(), (x != tok.pad_id).sum().item(), x.numel()] for x, _, m in micro],
-                              dtype=torch.float64).sum(0)  # (3,) response tokens, real tokens, positions
-        counts = D.all_reduce_sum(counts)
-        n_resp = max(counts[0].item(), 1.0)
-        total = torch.zeros((), device=info.device)
-        for i, (x, y, m) in enumerate(micro):
-            x, y, m = x.to(info.device), y.to(info.device), m.to(info.device)  # (B, T) each
-            with trainer.micro(last=i == A - 1):
-                loss_sum, _ = losses.lm_loss(net(x), y, m)  # right padding: causal attention needs no mask
-            trainer.backward(loss_sum * trainer.grad_scale() / n_resp)
-            total += loss_sum.detach().float()
-        stats = trainer.optimizer_step()
-        loss = D.all_reduce_sum(total).item() / n_resp
-        return {"loss": loss, "tokens": counts[1].item(), "response_tokens": counts[0].item(),
-                "pad_frac": 1.0 - counts[1].item() / max(counts[2].item(), 1.0), **stats}
-
-    def samples(step: int) -> None:
-        """Greedy and sampled answers to the fixed prompts (every rank generates: FSDP needs it)."""
-        if not prompts:
-            return
-        ids = [p for _, p in prompts]
-        gen = torch.Generator(device=info.device).manual_seed(cfg.train.seed)  # private: training RNG untouched
-        with D.gathered(net) as raw, trainer.autocast():  # FSDP: weights gathered once for the whole decode
-            greedy = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=0.0, stop_ids=[tok.end_id],
-                                          pad_id=tok.pad_id)
-            sampled = Engine(raw).generate(ids, cfg.sft.max_new_tokens, temperature=1.0, stop_ids=[tok.end_id],
-                                           pad_id=tok.pad_id, generator=gen)
-
-        def text(t: list[int]) -> str:
-            return tok.decode(t[:-1] if t and t[-1] == tok.end_id else t)
-
-        rows = [{"prompt": p, "greedy": text(g), "greedy_finished": gf, "sampled": text(s), "sampled_finished": sf}
-                for (p, _), g, gf, s, sf in zip(prompts, greedy.tokens, greedy.finished, sampled.tokens,
-                                                sampled.finished)]
-        trainer.log.write({"kind": "samples", "step": step, "samples": rows})
+        res = trainer.accumulate(loader.next(), micro_step)  # normalised by the step's response tokens
+        tokens, positions = res.pop("tokens"), res.pop("positions")
+        return {"loss": res.pop("loss"), "tokens": tokens, "response_tokens": res.pop("count"),
+                "pad_frac": 1.0 - tokens / max(positions, 1.0), **res}
 
     def eval_fn(step: int) -> dict:
         res = {}
         if data.val:
-            nll = torch.zeros(2, dtype=torch.float64)  # (sum of response-token losses, their count)
-            for x, y, m in val_micro_batches(data.val, B, tok.pad_id, info.rank, W, cfg.train.eval_batches):
-                x, y, m = x.to(info.device), y.to(info.device), m.to(info.device)
-                with trainer.autocast():
-                    loss_sum, n = losses.lm_loss(net(x), y, m)
-                nll += torch.tensor([loss_sum.item(), float(n)], dtype=torch.float64)
-            nll = D.all_reduce_sum(nll)
-            if nll[1] > 0:
-                res = {"val_loss": (nll[0] / nll[1]).item(), "val_response_tokens": nll[1].item()}
-        samples(step)
+            batches = val_micro_batches(data.val, B, tok.pad_id, info.rank, W, cfg.train.eval_batches)
+            total, n = token_nll(net, batches, info.device, trainer.autocast)
+            if n > 0:
+                res = {"val_loss": total / n, "val_response_tokens": n}
+        write_samples(trainer, net, tok, prompts, cfg, step)
         return res
 
     has_eval = bool(data.val) or bool(prompts)
     result = trainer.fit(step_fn, eval_fn if has_eval else None, desc="sft")
-    state = D.full_state_dict(net)
-    metrics = flatten_metrics(result)
-    if info.is_main:
-        final = fresh_like(D.unwrap(net))  # an unsharded copy (same class, shapes, LoRA layout)
-        final.load_state_dict(state)
-        save_model_dir(final, out, cfg.model, tok)
-        write_run_info(out, cfg, metrics=metrics, wall_s=time.time() - t_start,
-                       data={**data.meta, "expected_padding_fraction": expected_pad})
-        print(f"sft: done in {time.time() - t_start:.0f}s; " +
-              ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("train_loss", "eval_val_loss")) +
-              f"; model written to {out}")
-    D.barrier()
-    return metrics
+    return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg),
+                  data={**data.meta, "expected_padding_fraction": expected_pad})

@@ -1,0 +1,45 @@
+"""Statistics of an RL step over every rank (one all-reduce each), finiteness checks and the final score of a
+response (clipping and the missing-EOS penalty)."""
+
+from __future__ import annotations
+
+import torch
+
+from chatforge import distributed as D
+from chatforge.trainer import TrainingError
+
+
+def global_sums(*values: float | torch.Tensor) -> list[float]:
+    """Sum scalars over ranks in one all-reduce."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return D.all_reduce_sum(t).tolist()
+
+
+def global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(mean, unbiased variance) of x over mask == 1 on every rank together."""
+    m = mask.to(torch.float64)
+    xd = x.detach().to(torch.float64)
+    n, s, s2 = global_sums(m.sum(), (xd * m).sum(), (xd * xd * m).sum())
+    if n < 2:
+        return (s / max(n, 1.0), 1.0)
+    mean = s / n
+    var = max(s2 / n - mean * mean, 0.0) * n / (n - 1)
+    return mean, var
+
+
+def check_finite(name: str, x: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise TrainingError(f"step {step + 1}: {bad} non-finite value(s) in {name}; the run stops and the last "
+                            f"checkpoint is kept (check the reward model / reward function)")
+
+
+def final_scores(norm: torch.Tensor, finished: torch.Tensor, rl) -> torch.Tensor:
+    """The score each response earns: the normalised reward, clipped to +-rl.reward_clip if set, replaced by
+    rl.missing_eos_penalty for responses that never ended (when set). (B,), (B,) bool -> (B,)."""
+    score = norm.float()
+    if rl.reward_clip is not None:
+        score = score.clamp(-rl.reward_clip, rl.reward_clip)
+    if rl.missing_eos_penalty is not None:
+        score = torch.where(finished.to(score.device), score, torch.full_like(score, float(rl.missing_eos_penalty)))
+    return score

@@ -1,0 +1,39 @@
+"""The update loop of PPO-style algorithms: epochs x shuffled minibatches of one rollout, one optimizer step per
+minibatch (chatforge.trainer.Trainer.accumulate: micro-batches, the global count, clipping)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+from chatforge.rl.rollout import RolloutBatch
+from chatforge.trainer import Trainer
+
+MicroStep = Callable[[RolloutBatch, int], tuple[torch.Tensor, float, dict]]
+
+
+def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibatches: int, micro_rows: int,
+                  generator: torch.Generator, micro_step: MicroStep,
+                  summarise: Callable[[dict], dict]) -> dict[str, float]:
+    """``epochs`` passes over ``minibatches`` shuffled minibatches of this rank's rollout rows, one optimizer step
+    per minibatch, micro-batches of ``micro_rows`` rows.
+
+    ``micro_step(rows, epoch)`` returns the micro-batch's ``(loss_sum, count, sums)`` (see Trainer.accumulate),
+    so micro-batching and ranks leave each minibatch's gradient unchanged. ``summarise(result)`` turns one
+    minibatch's global sums into means; the means are averaged over the minibatches in which they appeared.
+    """
+    n_rows = len(batch)
+    M = max(1, min(minibatches, n_rows))
+    sums: dict[str, float] = defaultdict(float)
+    seen: dict[str, int] = defaultdict(int)
+    for epoch in range(epochs):
+        perm = torch.randperm(n_rows, generator=generator)
+        for mb in perm.tensor_split(M):
+            chunks = [batch.select(rows) for rows in mb.split(max(1, micro_rows))]
+            res = trainer.accumulate(chunks, lambda sub: micro_step(sub, epoch))
+            for k, v in summarise(res).items():
+                sums[k] += v
+                seen[k] += 1
+    return {k: sums[k] / seen[k] for k in sums}
