@@ -37,7 +37,7 @@ def _prompt_json(p) -> object:
 def comparison_prompts(pipe) -> tuple[list, str]:
     """The prompts whose answers are ranked (recipe.comparisons.prompts, else the RL prompts) and their digest."""
     from chatforge.data.prompts import read_prompts
-    from chatforge.pipeline import data_digest
+    from chatforge.steps import data_digest
 
     comp = pipe.recipe.comparisons
     if comp.prompts:
@@ -133,7 +133,7 @@ def waiting_message(pipe, n: int, needed: int, total: int) -> str:
 
 def build_comparisons(pipe):
     """The pairs step of a recipe whose comparisons are ranked by a program or by people -> StepResult."""
-    from chatforge.pipeline import WaitingForLabels, StepResult, digest, path_digest
+    from chatforge.steps import WaitingForLabels, StepResult, digest, path_digest
 
     comp = pipe.recipe.comparisons
     model = pipe.sampling_model()

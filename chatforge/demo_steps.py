@@ -21,7 +21,7 @@ from chatforge.checkpoint import atomic_write_json, atomic_write_text
 from chatforge.config import Config, ConfigError
 from chatforge.errors import UserInputError
 from chatforge.rundir import file_digest, model_digest, read_run_info, update_run_info
-from chatforge.pipeline import DIRS, PIPELINE_FILE, StepResult, digest
+from chatforge.steps import DIRS, PIPELINE_FILE, StepResult, digest
 
 
 def demo_data(pipe) -> StepResult:

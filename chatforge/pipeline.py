@@ -29,12 +29,10 @@ One YAML holds every stage: shared sections at the top, ``stages.<stage>`` per s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -43,26 +41,17 @@ from chatforge.config import STAGES as CONFIG_STAGES
 from chatforge.config import (PIPELINE_SECTIONS, Config, ConfigError, DemoConfig, PipelineConfig, load_config,
                               load_pipeline_config, to_dict)
 from chatforge.rundir import file_digest, model_digest, read_run_info, update_run_info
+from chatforge.steps import (DIRS, EXIT_WAITING, PIPELINE_FILE, StepResult, WaitingForLabels,  # noqa: F401
+                             data_digest, digest, path_digest)
 
 TRAIN_STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
-DIRS = {"pretrain": "base", "sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
 STEPS = ("data", "tokenizer", "pretrain", "sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval", "report")
 UPSTREAM = {"data": [], "tokenizer": ["data"], "pretrain": ["tokenizer"], "sft": ["pretrain"], "pairs": ["sft"],
             "rm": ["pairs"], "ppo": ["rm", "sft"], "dpo": ["pairs"], "grpo": ["rm", "sft"],
             "eval": ["pretrain", "sft", "rm", "ppo", "dpo", "grpo"], "report": ["eval"]}
 ALIASES = {"base": "pretrain", "comparisons": "pairs"}
-PIPELINE_FILE = "pipeline.json"
 VOLATILE = {("train", "progress"), ("train", "restart"), ("train", "threads"), ("train", "device"), ("model", "init"), ("tokenizer", "path"), ("data", "path"),
             ("data", "val_path"), ("rl", "reward_model")}
-EXIT_WAITING = 3  # `chatforge pipeline` stopped to wait for people's rankings
-
-
-class WaitingForLabels(Exception):
-    """The recipe needs more ranked prompts in <run>/labels/labels.jsonl; the message says what to do."""
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def downstream(step: str) -> list[str]:
@@ -105,31 +94,6 @@ def config_fingerprint(cfg: Config) -> dict:
         d.get(section, {}).pop(key, None)
     d.pop("demo", None)  # (older configs carried the demo section; the demo's data is fingerprinted by its files)
     return d
-
-
-def path_digest(path: str | Path) -> str:
-    """A model directory's or data file's fingerprint: its weights/bytes, or (sharded or other weights) the
-    names, sizes and modification times of its files."""
-    p = Path(path)
-    if (p / "model.safetensors").is_file():
-        return model_digest(p)
-    if p.is_file():
-        return file_digest(p)
-    files = sorted(f for f in p.rglob("*") if f.is_file() and "checkpoint" not in f.parts)
-    return digest([[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-
-
-def data_digest(paths: list[str]) -> str:
-    from chatforge.data.records import fingerprint
-
-    return fingerprint(paths)[:16]
-
-
-@dataclass
-class StepResult:
-    status: str  # "ran", "resumed", "skipped", "waiting"
-    wall_s: float = 0.0
-    detail: dict = field(default_factory=dict)
 
 
 class Pipeline:

@@ -72,7 +72,7 @@ def answer_logprobs(model, tok, prompts: Sequence, answers: Sequence[Sequence[in
 
 def _answers(pipe, name: str, model_dir: str, prompts: list, folder: Path) -> list[dict]:
     from chatforge.model.load import load_causal_lm
-    from chatforge.pipeline import digest, path_digest
+    from chatforge.steps import digest, path_digest
 
     ev = pipe.recipe.eval
     fp = digest([path_digest(model_dir), prompts, ev.max_new_tokens, ev.seed])
@@ -107,7 +107,7 @@ def reference_models(pipe) -> tuple[Optional[str], Optional[str]]:
 def evaluate_run(pipe) -> dict:
     """Evaluate every finished policy of a (non-demo) pipeline run; writes <run>/eval/results.json."""
     from chatforge.model.load import load_causal_lm
-    from chatforge.pipeline import DIRS
+    from chatforge.steps import DIRS
     from chatforge.rl.reward import RewardModelScorer, import_function
 
     ev, prompts = pipe.recipe.eval, pipe.eval_prompts()

@@ -4,15 +4,15 @@ Every import of a chatforge module counts, at the top of a module or inside a fu
 late import is still a cycle). The allowed direction, lowest layer first (a module may import its own layer
 and any layer below it):
 
-    0  chatforge (the package), config
-    1  checkpoint, distributed, metrics, optim, rundir, tracking files, processes, records, the optimizer
+    0  chatforge (the package), errors, config
+    1  files, checkpoint, distributed, metrics, optim, rundir, tracking files, processes, records, the optimizer
     2  tokenizer
     3  data.*, demo.*, model.*                                   text, the demo world, the networks
     4  engine, losses                                            generation on ids, pure loss functions
     5  trainer, evaluate                                         the one loop; evaluation
     6  rl.*                                                      rollouts, roles, the update loop
     7  stages.*                                                  each stage's algorithm
-    8  pipeline, report, commands.*, serve.*, lm_eval.*, cli, __main__
+    8  steps, demo_steps, comparisons, recipe_eval, pipeline, report, commands.*, serve.*, lm_eval.*, cli, __main__
 A new module is given its layer here (the test names a module it does not know).
 """
 
@@ -26,8 +26,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "chatforge"
 
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
-    (0, ("chatforge", "chatforge.config")),
-    (1, ("chatforge.checkpoint", "chatforge.distributed", "chatforge.metrics", "chatforge.optim", "chatforge.rundir",
+    (0, ("chatforge", "chatforge.errors", "chatforge.config")),
+    (1, ("chatforge.files", "chatforge.checkpoint", "chatforge.distributed", "chatforge.metrics", "chatforge.optim", "chatforge.rundir",
          "chatforge.tracking")),
     (2, ("chatforge.tokenizer",)),
     (3, ("chatforge.data", "chatforge.demo", "chatforge.model")),
@@ -35,7 +35,8 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (5, ("chatforge.trainer", "chatforge.evaluate")),
     (6, ("chatforge.rl",)),
     (7, ("chatforge.stages",)),
-    (8, ("chatforge.pipeline", "chatforge.report", "chatforge.commands", "chatforge.serve", "chatforge.lm_eval",
+    (8, ("chatforge.steps", "chatforge.demo_steps", "chatforge.comparisons", "chatforge.recipe_eval",
+         "chatforge.pipeline", "chatforge.report", "chatforge.commands", "chatforge.serve", "chatforge.lm_eval",
          "chatforge.cli", "chatforge.__main__")),
 ]
 
