@@ -56,7 +56,7 @@ class LabelAPIError(Exception):
 
 def _error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
            kind: Optional[str] = None) -> JSONResponse:
-    kind = kind or {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+    kind = kind or "invalid_request_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
@@ -272,14 +272,16 @@ async def _json_body(request: Request) -> dict:
 
 
 def _check_key(ctx, request: Request) -> None:
+    """The API's rule: ``Authorization: Bearer KEY`` when the server has a key (401 otherwise)."""
     key = getattr(ctx, "api_key", None)
     if not key:
         return
-    given = request.headers.get("authorization", "")
-    token = given[7:].strip() if given.lower().startswith("bearer ") else ""
-    if not hmac.compare_digest(token.encode(), key.encode()):
-        raise LabelAPIError("Incorrect API key provided: send it as 'Authorization: Bearer KEY'", 401,
-                            code="invalid_api_key")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise LabelAPIError("You didn't provide an API key. Send it in an Authorization header as 'Bearer KEY'",
+                            401, code="missing_api_key")
+    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise LabelAPIError("Incorrect API key provided", 401, code="invalid_api_key")
 
 
 def add_label_routes(app: FastAPI, ctx) -> LabelService:
