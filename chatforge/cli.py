@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-at-eot", action="store_true", help="stop raw sampling at the end of a document")
     s.set_defaults(fn=_sample)
     for name, help_ in (("pipeline", "run every stage into a run directory"), ("chat", "chat in the terminal"),
-                        ("score", "score a response with a reward model"), ("report", "rebuild a run's report card")):
+                        ("score", "score a response with a reward model"), ("report", "rebuild a run's report card"),
+                        ("serve", "serve models over an OpenAI-compatible API")):
         try:
             mod = importlib.import_module(f"chatforge.commands.{name}")
         except ModuleNotFoundError:
