@@ -310,6 +310,10 @@ class Scheduler:
         self._closed = False
         self.steps = 0
         self.compactions = 0
+        self.finished = 0
+        """Requests that ended by a stop id or their token limit."""
+        self.cancelled = 0
+        """Requests cancelled (e.g. a client that went away) before they ended."""
 
     # -- submitting --------------------------------------------------------------------------------
 
@@ -381,6 +385,7 @@ class Scheduler:
         with self._lock:
             for h in [h for h in self.waiting if h.cancelled]:
                 self.waiting.remove(h)
+                self.cancelled += 1
                 h._emit(RequestEvent(finish="cancelled"))
             admit = self._take_waiting()
         if self.active:  # every active request has a pending token: decode them all, then admit newcomers
@@ -494,6 +499,10 @@ class Scheduler:
                     mover.row = h.row
             self.active.remove(h)
         h.row, h.cache, h.pending = None, None, None
+        if ev.finish == "cancelled":
+            self.cancelled += 1
+        elif ev.finish is not None:
+            self.finished += 1
         h._emit(ev)
 
     def _fail_all(self, message: str) -> None:

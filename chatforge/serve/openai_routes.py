@@ -125,7 +125,10 @@ def add_openai_routes(app: FastAPI, ctx: ServeContext) -> None:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": list(ctx.models)}
+        load = {n: {"active": m.scheduler.num_active, "waiting": m.scheduler.num_waiting,
+                    "finished": m.scheduler.finished, "cancelled": m.scheduler.cancelled}
+                for n, m in ctx.models.items() if m.scheduler is not None}
+        return {"status": "ok", "models": list(ctx.models), "requests": load}
 
     @app.get("/v1/models")
     async def list_models(request: HTTPRequest) -> dict:
