@@ -1,0 +1,309 @@
+"""The web pages in a real browser: Debian's chromium, headless, driven by Selenium through the system chromedriver,
+against a real `create_app` server run by uvicorn on 127.0.0.1 (a subprocess on a free port, stopped by pid).
+
+- chat page: a message is sent and the answer streams in (several pieces) and equals the server's own greedy
+  answer; regenerate gives it again; reset clears the conversation.
+- labelling page: a ranking with a tie is submitted for a candidate and lands in the labels file; the model's k
+  answers to a typed prompt are ranked and land there too; a written answer lands in the demonstrations file.
+
+Screenshots of both pages are saved under the test's tmp folder (printed); with CHATFORGE_UPDATE_SCREENSHOTS=1 they
+are also copied to docs/serve_chat.png and docs/serve_label.png. CHATFORGE_PAGES_MODEL=DIR serves that model
+instead of the test's untrained micro model (e.g. the demo's sft/ for the README's screenshots).
+Skips, saying how to install them, when chromium, chromedriver or selenium are missing. Selenium is never allowed
+to download a driver or a browser: both paths are given and SE_OFFLINE is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from chatforge.serve import labels as L  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+INSTALL = "apt-get install chromium chromium-driver"
+CHAT_PROMPT = "What is 3 plus 4?"
+LABEL_PROMPT = "Name a colour other than red."
+CANDIDATES = [
+    {"prompt_id": "cand-1", "prompt": "Say hello to Anna.",
+     "answers": [{"id": "s0", "text": "Hello, Anna!"}, {"id": "s1", "text": "<b>Hi</b>, Anna!"},
+                 {"id": "s2", "text": "Goodbye, Tom."}]},
+    {"prompt_id": "cand-2", "prompt": "Count from 3 to 6.",
+     "answers": [{"id": "s0", "text": "3, 4, 5, 6."}, {"id": "s1", "text": "3, 4, 6."}]},
+]
+
+SERVER = """
+import sys, uvicorn
+from chatforge.serve.app import create_app
+model, port, labels, candidates = sys.argv[1:5]
+app = create_app([model], labels_dir=labels, candidates=candidates)
+uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def streamed_text(url: str, body: dict, timeout: float = 60) -> str:
+    """The text of a streamed chat completion: its chunks' deltas joined, read up to ``data: [DONE]``."""
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    text = ""
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return text
+            text += json.loads(data)["choices"][0]["delta"].get("content") or ""
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def http_json(url: str, body=None, timeout: float = 60):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not found: install the browser with `{INSTALL}`")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed: pip install selenium (the dev extra); and `" + INSTALL + "`")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a driver or a browser
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1280,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    driver.set_script_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    if os.environ.get("CHATFORGE_PAGES_MODEL"):
+        return Path(os.environ["CHATFORGE_PAGES_MODEL"])
+    import torch
+
+    from chatforge.config import ModelConfig
+    from chatforge.model.gpt import GPT
+    from chatforge.stages.common import save_model_dir
+    from chatforge.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("pages") / "model"
+    tok = train_tokenizer(["Hello, Anna! What is 3 plus 4? 3 plus 4 is 7. Blue is a colour. Count from 3 to 6."] * 20,
+                          300)
+    # untied embeddings: a random tied model's greedy answer repeats the (special, invisible) last prompt token
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, tie_embeddings=False)
+    model = GPT(cfg, tok.vocab_size)
+    model.init_weights()
+    save_model_dir(model, d, cfg, tok)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir):
+    root = tmp_path_factory.mktemp("pages-server")
+    cands = root / "candidates.jsonl"
+    cands.write_text("".join(json.dumps(c) + "\n" for c in CANDIDATES))
+    port = free_port()
+    log = root / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model_dir), str(port), str(root / "labels"),
+                                 str(cands)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if http_json(url + "/health", timeout=5)["status"] == "ok":
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer within 120 s:\n{log.read_text()}")
+            time.sleep(0.3)
+        model = http_json(url + "/v1/models")["data"][0]["id"]
+        yield SimpleNamespace(url=url, labels=root / "labels", model=model, log=log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    d = tmp_path_factory.mktemp("screenshots")
+    yield d
+    print(f"\nscreenshots of the pages: {d}")
+    if os.environ.get("CHATFORGE_UPDATE_SCREENSHOTS") == "1":
+        (ROOT / "docs").mkdir(exist_ok=True)
+        for name in ("serve_chat.png", "serve_label.png"):
+            if (d / name).exists():
+                shutil.copy(d / name, ROOT / "docs" / name)
+
+
+def wait(driver, cond, timeout=60, what="the page"):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+        lambda d: cond(d), message=f"timed out waiting for {what}")
+
+
+def css(driver, sel):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, sel)
+
+
+def by_id(driver, id_):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, id_)
+
+
+def text_of(el) -> str:
+    return el.get_attribute("textContent")
+
+
+def set_values(driver, values: dict) -> None:
+    """Set form fields as a person would leave them (the page reads them on send)."""
+    driver.execute_script(
+        "for (const [id, v] of Object.entries(arguments[0])) { const el = document.getElementById(id);"
+        " el.value = v; el.dispatchEvent(new Event('input')); el.dispatchEvent(new Event('change')); }", values)
+
+
+def test_chat_page_streams_an_answer(browser, server, shots):
+    d = browser
+    max_tokens = 24
+    expected = streamed_text(server.url + "/v1/chat/completions", {
+        "model": server.model, "messages": [{"role": "user", "content": CHAT_PROMPT}],
+        "temperature": 0, "max_tokens": max_tokens})
+    assert len(expected) >= 2
+
+    d.get(server.url + "/")
+    wait(d, lambda d: css(d, "#model option"), what="the model list")
+    assert [text_of(o) for o in css(d, "#model option")] == [server.model]
+    set_values(d, {"temperature": "0", "max_tokens": str(max_tokens)})
+    by_id(d, "input").send_keys(CHAT_PROMPT)
+    by_id(d, "send").click()
+    wait(d, lambda d: css(d, ".msg.assistant[data-state=done]"), what="the streamed answer")
+    (answer,) = css(d, ".msg.assistant")
+    assert text_of(css(answer, ".content")[0]) == expected  # the server's greedy answer, as streamed
+    assert int(answer.get_attribute("data-chunks")) >= 2  # and it came in pieces
+    assert [text_of(m) for m in css(d, ".msg.user .content")] == [CHAT_PROMPT]
+    assert "chunks in" in by_id(d, "status").text
+    d.save_screenshot(str(shots / "serve_chat.png"))
+
+    by_id(d, "regenerate").click()  # the same greedy answer again, in place of the first
+    wait(d, lambda d: not css(d, ".msg.assistant[data-state=done]"), what="regeneration to start")
+    wait(d, lambda d: css(d, ".msg.assistant[data-state=done]"), what="the regenerated answer")
+    assert [text_of(m) for m in css(d, ".msg.assistant .content")] == [expected]
+
+    by_id(d, "reset").click()
+    assert css(d, ".msg") == [] and by_id(d, "empty").is_displayed()
+
+
+def rank(driver, ranks: list) -> None:
+    """Click rank ``ranks[i]`` on answer card i (None: leave it unranked)."""
+    cards = css(driver, "#answers .answer")
+    for card, r in zip(cards, ranks):
+        if r is not None:
+            css(card, f"button.rank[data-rank='{r}']")[0].click()
+
+
+def test_label_page_stores_rankings_and_written_answers(browser, server, shots):
+    d = browser
+    labels_file = server.labels / "labels.jsonl"
+    d.get(server.url + "/label")
+    wait(d, lambda d: text_of(by_id(d, "item-id")) == "cand-1", what="the first candidate")
+    by_id(d, "labeler").send_keys("ann")
+    cards = css(d, "#answers .answer")
+    assert [text_of(css(c, ".content")[0]) for c in cards] == [a["text"] for a in CANDIDATES[0]["answers"]]
+    assert css(d, "#answers b") == []  # "<b>Hi</b>" is shown as text, not as markup
+    assert "2 of 2 candidates left" in by_id(d, "counts").text
+    assert by_id(d, "submit").get_attribute("disabled") is not None  # nothing ranked yet
+
+    rank(d, [1, 1, 2])  # a tie for first place
+    assert by_id(d, "summary").text == "A = B > C"
+    by_id(d, "submit").click()
+    wait(d, lambda d: "Ranking saved" in by_id(d, "message").text, what="the saved ranking")
+    (rec,) = L.read_labels(labels_file)
+    assert rec["prompt_id"] == "cand-1" and rec["ranking"] == [["s0", "s1"], ["s2"]] and rec["labeler"] == "ann"
+    assert rec["answers"] == CANDIDATES[0]["answers"] and rec["prompt"] == CANDIDATES[0]["prompt"]
+    wait(d, lambda d: text_of(by_id(d, "item-id")) == "cand-2", what="the next candidate")
+    assert "1 of 2 candidates left" in by_id(d, "counts").text
+
+    # the served model answers a typed prompt k times; the person ranks those answers
+    by_id(d, "tab-model").click()
+    wait(d, lambda d: by_id(d, "model-panel").is_displayed(), what="the model panel")
+    assert css(d, "#answers .answer") == []  # the candidate's answers are gone
+    by_id(d, "prompt").send_keys(LABEL_PROMPT)
+    set_values(d, {"k": "3", "max_tokens": "16", "temperature": "1"})
+    by_id(d, "generate").click()
+    wait(d, lambda d: len(css(d, "#answers .answer")) >= 2, what="the model's answers")
+    shown = [text_of(c) for c in css(d, "#answers .answer .content")]
+    rank(d, [1, 2, 2][: len(shown)])
+    d.save_screenshot(str(shots / "serve_label.png"))
+    by_id(d, "submit").click()
+    wait(d, lambda d: "Ranking saved" in by_id(d, "message").text and not by_id(d, "item").is_displayed(),
+         what="the saved ranking of the model's answers")
+    recs = L.read_labels(labels_file)
+    assert len(recs) == 2
+    assert recs[1]["prompt_id"] == L.prompt_id(LABEL_PROMPT) and recs[1]["prompt"] == LABEL_PROMPT
+    assert [a["text"] for a in recs[1]["answers"]] == shown
+    assert recs[1]["ranking"] == [[L.answer_id(shown[0])], [L.answer_id(t) for t in shown[1:3]]]
+
+    # a better answer, written by the person, goes to the demonstrations file
+    by_id(d, "generate").click()
+    wait(d, lambda d: by_id(d, "item").is_displayed(), what="new answers")
+    css(d, "#write summary")[0].click()
+    by_id(d, "better").send_keys("Blue is a colour.")
+    by_id(d, "save-better").click()
+    wait(d, lambda d: "Answer saved" in by_id(d, "message").text, what="the saved answer")
+    demos = L.read_demonstrations(server.labels / "demonstrations.jsonl")
+    assert demos == [{"messages": [{"role": "user", "content": LABEL_PROMPT},
+                                   {"role": "assistant", "content": "Blue is a colour."}]}]
+    assert len(L.read_labels(labels_file)) == 2
