@@ -1,7 +1,8 @@
 """The web pages in a real browser: Debian's chromium, headless, driven by Selenium through the system chromedriver,
-against a real `create_app` server run by uvicorn on 127.0.0.1 (a subprocess on a free port, stopped by pid).
+against a real server: `chatforge serve --api-key ... --labels-dir ... --candidates ...` (uvicorn) on 127.0.0.1, a
+subprocess on a free port, stopped by pid.
 
-- chat page: a message is sent and the answer streams in (several pieces) and equals the server's own greedy
+- chat page: it asks for the API key (the server needs one) and lists the model once given it; a message is sent and the answer streams in (several pieces) and equals the server's own greedy
   answer; regenerate gives it again; reset clears the conversation.
 - labelling page: a ranking with a tie is submitted for a candidate and lands in the labels file; the model's k
   answers to a typed prompt are ranked and land there too; a written answer lands in the demonstrations file.
@@ -49,13 +50,8 @@ CANDIDATES = [
      "answers": [{"id": "s0", "text": "3, 4, 5, 6."}, {"id": "s1", "text": "3, 4, 6."}]},
 ]
 
-SERVER = """
-import sys, uvicorn
-from chatforge.serve.app import create_app
-model, port, labels, candidates = sys.argv[1:5]
-app = create_app([model], labels_dir=labels, candidates=candidates)
-uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")
-"""
+KEY = "pages-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def free_port() -> int:
@@ -67,7 +63,7 @@ def free_port() -> int:
 def streamed_text(url: str, body: dict, timeout: float = 60) -> str:
     """The text of a streamed chat completion: its chunks' deltas joined, read up to ``data: [DONE]``."""
     req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **AUTH})
     text = ""
     with urllib.request.urlopen(req, timeout=timeout) as r:
         for raw in r:
@@ -83,7 +79,7 @@ def streamed_text(url: str, body: dict, timeout: float = 60) -> str:
 
 def http_json(url: str, body=None, timeout: float = 60):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **AUTH})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -145,9 +141,11 @@ def server(tmp_path_factory, model_dir):
     port = free_port()
     log = root / "server.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("CHATFORGE_API_KEY", None)
+    cmd = [sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--port", str(port),
+           "--api-key", KEY, "--labels-dir", str(root / "labels"), "--candidates", str(cands), "--log-level", "warning"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model_dir), str(port), str(root / "labels"),
-                                 str(cands)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -224,7 +222,12 @@ def test_chat_page_streams_an_answer(browser, server, shots):
     assert len(expected) >= 2
 
     d.get(server.url + "/")
+    wait(d, lambda d: by_id(d, "key-field").is_displayed(), what="the API-key field")  # /v1/models said 401
+    assert "needs an API key" in by_id(d, "banner").text and css(d, "#model option") == []
+    by_id(d, "api_key").send_keys(KEY)
+    by_id(d, "input").click()  # leaving the field stores the key and lists the models again
     wait(d, lambda d: css(d, "#model option"), what="the model list")
+    assert not by_id(d, "banner").is_displayed()
     assert [text_of(o) for o in css(d, "#model option")] == [server.model]
     set_values(d, {"temperature": "0", "max_tokens": str(max_tokens)})
     by_id(d, "input").send_keys(CHAT_PROMPT)
