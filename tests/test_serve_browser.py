@@ -310,3 +310,21 @@ def test_label_page_stores_rankings_and_written_answers(browser, server, shots):
     assert demos == [{"messages": [{"role": "user", "content": LABEL_PROMPT},
                                    {"role": "assistant", "content": "Blue is a colour."}]}]
     assert len(L.read_labels(labels_file)) == 2
+
+
+def test_chat_page_sse_parser(browser, server):
+    """The page's event-stream parser on awkward byte streams: an event split across reads, a UTF-8 character split
+    across reads, CRLF line ends with the CR and LF in different reads, a multi-line data field, comments, and a
+    last event without its blank line."""
+    d = browser
+    d.get(server.url + "/")
+    chunks = [b"data: one\n", b"\ndata: t", b"wo\n\n: a comment\n\ndata: \xc3", b"\xa9t\xc3\xa9\r", b"\n\r\n",
+              b"data: line 1\ndata: line 2\n\nevent: x\ndata: [DONE]\n\n", b"data: tail"]
+    got = d.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const chunks = arguments[0].map((c) => new Uint8Array(c));
+        const body = new ReadableStream({ start(ctl) { for (const c of chunks) ctl.enqueue(c); ctl.close(); } });
+        (async () => { const out = []; for await (const x of sseData(body)) out.push(x); return out; })()
+          .then(done, (e) => done("error: " + e));
+    """, [list(c) for c in chunks])
+    assert got == ["one", "two", "été", "line 1\nline 2", "[DONE]", "tail"]
