@@ -13,7 +13,9 @@ so ``generate`` can be awaited from any number of routes at once.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Sequence
 
@@ -59,15 +61,51 @@ class ServedModel:
         return [self.tokenizer.end_id, self.tokenizer.eot_id]
 
 
+class _LoopBridge:
+    """Hands events from scheduler threads to one event loop's queues with one wake-up of the loop per batch of
+    events (a decode step emits an event per active request) instead of one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, RequestEvent]] = []
+
+    def push(self, queue: asyncio.Queue, ev: RequestEvent) -> None:  # any thread
+        with self.lock:
+            self.pending.append((queue, ev))
+            wake = len(self.pending) == 1
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _drain(self) -> None:  # on the loop
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
+_BRIDGES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBridge]" = weakref.WeakKeyDictionary()
+
+
+def _bridge(loop: asyncio.AbstractEventLoop) -> _LoopBridge:
+    b = _BRIDGES.get(loop)
+    if b is None:
+        b = _BRIDGES[loop] = _LoopBridge(loop)
+    return b
+
+
 async def stream_events(scheduler: Scheduler, request: Request) -> AsyncIterator[RequestEvent]:
     """Submit ``request`` and yield its events (one per new token, the last one has ``finish`` set) as the
     scheduler thread produces them. Leaving the loop early (a client that went away) cancels the request, which
     frees its KV-cache slot at the scheduler's next step."""
-    loop = asyncio.get_running_loop()
+    bridge = _bridge(asyncio.get_running_loop())
     queue: asyncio.Queue = asyncio.Queue()
 
     def push(ev: RequestEvent) -> None:  # called on the scheduler thread
-        loop.call_soon_threadsafe(queue.put_nowait, ev)
+        bridge.push(queue, ev)
 
     handle = scheduler.submit(request, push)
     finished = False
