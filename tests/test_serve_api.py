@@ -338,3 +338,24 @@ def test_api_key(client, monkeypatch):
                      headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert client.get("/health").status_code == 200  # health needs no key
+
+
+def test_context_generate_for_the_pages(client, ref):
+    """ServeContext.generate (what the labelling page calls): n answers through the scheduler, as text."""
+    import asyncio
+
+    from chatforge.serve.context import ServeError
+
+    ctx = client.app.state.ctx
+    out = asyncio.run(ctx.generate("chat", HI, n=2, temperature=0.0, max_tokens=9))
+    assert out == [engine_answer(ref, HI, 9, temperature=0.0)[2]] * 2
+    seeded = asyncio.run(ctx.generate("chat", HI, n=2, temperature=1.0, max_tokens=9, seed=5))
+    assert seeded == [engine_answer(ref, HI, 9, temperature=1.0, generator=torch.Generator().manual_seed(5 + i))[2]
+                      for i in range(2)]
+    for kw, word in [(dict(model_name="nope"), "does not exist"), (dict(temperature=-1), "temperature"),
+                     (dict(top_p=0), "top_p"), (dict(n=0), "'n'"),
+                     (dict(messages=[{"role": "user", "content": "fox " * 200}]), "context"),
+                     (dict(messages=[{"role": "bot", "content": "x"}]), "role")]:
+        args = {"model_name": "chat", "messages": HI, **kw}
+        with pytest.raises(ServeError, match=word):
+            asyncio.run(ctx.generate(**args))

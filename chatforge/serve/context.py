@@ -165,14 +165,24 @@ class ServeContext:
         The i-th answer is sampled with seed ``seed + i`` (None: random). ``max_tokens`` None = up to the context.
         Raises :class:`ServeError` for an unknown model, a bad conversation or a prompt past the context."""
         m = self.get(model_name, "chat")
+        if not (isinstance(n, int) and 1 <= n <= 64):
+            raise ServeError(f"'n': expected an integer from 1 to 64, got {n!r}", param="n", code="invalid_value")
+        if not 0.0 <= float(temperature) <= 2.0:
+            raise ServeError(f"'temperature': {temperature} is out of range [0, 2]", param="temperature",
+                             code="invalid_value")
+        if not 0.0 < float(top_p) <= 1.0:
+            raise ServeError(f"'top_p': {top_p} is out of range (0, 1]", param="top_p", code="invalid_value")
+        if max_tokens is not None and int(max_tokens) < 1:
+            raise ServeError(f"'max_tokens': {max_tokens} must be >= 1", param="max_tokens", code="invalid_value")
         try:
             prompt = render_prompt(m.tokenizer, list(messages))
         except ValueError as e:
-            raise ServeError(f"messages: {e}", param="messages") from None
+            raise ServeError(f"'messages': {e}", param="messages", code="invalid_value") from None
         room = m.context_length - len(prompt)
         if room <= 0:
-            raise ServeError(f"the conversation is {len(prompt)} tokens long; model '{m.name}' takes at most "
-                             f"{m.context_length - 1} prompt tokens", param="messages", code="context_length_exceeded")
+            raise ServeError(f"the conversation is {len(prompt)} tokens long; the context of model '{m.name}' holds "
+                             f"{m.context_length} tokens, so it takes at most {m.context_length - 1} prompt tokens",
+                             param="messages", code="context_length_exceeded")
         new = room if max_tokens is None else min(int(max_tokens), room)
 
         async def one(i: int) -> str:
