@@ -5,7 +5,7 @@ subprocess on a free port, stopped by pid.
 - chat page: it asks for the API key (the server needs one) and lists the model once given it; a message is sent and the answer streams in (several pieces) and equals the server's own greedy
   answer; regenerate gives it again; reset clears the conversation.
 - labelling page: a ranking with a tie is submitted for a candidate and lands in the labels file; the model's k
-  answers to a typed prompt are ranked and land there too; a written answer lands in the demonstrations file.
+  answers to a typed prompt (seeded: the same seed gives the same answers) are ranked and land there too; a written answer lands in the demonstrations file.
 
 Screenshots of both pages are saved under the test's tmp folder (printed); with CHATFORGE_UPDATE_SCREENSHOTS=1 they
 are also copied to docs/serve_chat.png and docs/serve_label.png. CHATFORGE_PAGES_MODEL=DIR serves that model
@@ -284,11 +284,12 @@ def test_label_page_stores_rankings_and_written_answers(browser, server, shots):
     wait(d, lambda d: by_id(d, "model-panel").is_displayed(), what="the model panel")
     assert css(d, "#answers .answer") == []  # the candidate's answers are gone
     by_id(d, "prompt").send_keys(LABEL_PROMPT)
-    set_values(d, {"k": "3", "max_tokens": "16", "temperature": "1"})
+    set_values(d, {"k": "3", "max_tokens": "16", "temperature": "1", "seed": "0"})
     by_id(d, "generate").click()
     wait(d, lambda d: len(css(d, "#answers .answer")) >= 2, what="the model's answers")
     shown = [text_of(c) for c in css(d, "#answers .answer .content")]
-    rank(d, [1, 2, 2][: len(shown)])
+    ranks = [1, 3, 2][: len(shown)]
+    rank(d, ranks)
     d.save_screenshot(str(shots / "serve_label.png"))
     by_id(d, "submit").click()
     wait(d, lambda d: "Ranking saved" in by_id(d, "message").text and not by_id(d, "item").is_displayed(),
@@ -297,11 +298,12 @@ def test_label_page_stores_rankings_and_written_answers(browser, server, shots):
     assert len(recs) == 2
     assert recs[1]["prompt_id"] == L.prompt_id(LABEL_PROMPT) and recs[1]["prompt"] == LABEL_PROMPT
     assert [a["text"] for a in recs[1]["answers"]] == shown
-    assert recs[1]["ranking"] == [[L.answer_id(shown[0])], [L.answer_id(t) for t in shown[1:3]]]
+    assert recs[1]["ranking"] == [[L.answer_id(t)] for _, t in sorted(zip(ranks, shown))]
 
     # a better answer, written by the person, goes to the demonstrations file
-    by_id(d, "generate").click()
+    by_id(d, "generate").click()  # the same seed: the same answers
     wait(d, lambda d: by_id(d, "item").is_displayed(), what="new answers")
+    assert [text_of(c) for c in css(d, "#answers .answer .content")] == shown
     css(d, "#write summary")[0].click()
     by_id(d, "better").send_keys("Blue is a colour.")
     by_id(d, "save-better").click()
