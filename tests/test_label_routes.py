@@ -214,3 +214,47 @@ def test_a_broken_labels_file_stops_the_start(tmp_path):
     (d / "labels.jsonl").write_text("{broken\n")
     with pytest.raises(L.DataError, match="labels.jsonl:1: invalid JSON"):
         make_client(tmp_path, labels_dir=str(d))
+
+
+# ----------------------------------------------------------------------------- the real server app
+
+
+def test_routes_in_the_server_app(tmp_path):
+    """The same routes inside `create_app` with a micro chat model and a reward model: the model's k answers are its
+    seeded samples (answer i = the API's answer with seed + i), rankings land in the labels file, the API's errors
+    (a reward model asked to answer, a prompt past the context) come back OpenAI-shaped."""
+    from chatforge.serve.app import create_app
+    from tests.serve_fixtures import build_chat_dir, build_reward_dir
+
+    chat_dir, rm_dir = build_chat_dir(tmp_path), build_reward_dir(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps("What is 2 plus 3?") + "\n")
+    app = create_app([str(chat_dir), str(rm_dir)], api_key="k", labels_dir=str(tmp_path / "labels"),
+                     prompts=str(prompts))
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(app) as client:
+        assert client.get("/").status_code == 200 and client.get("/label").status_code == 200
+        assert client.get("/label/api/state").status_code == 401
+        st = client.get("/label/api/state", headers=auth).json()
+        assert st["models"] == ["chat"] and st["prompts"]["total"] == 1 and st["labels"] == 0
+        prompt = client.get("/label/api/prompt", headers=auth).json()["prompt"]
+        body = {"prompt": prompt, "k": 3, "temperature": 1.0, "max_tokens": 8, "seed": 11}
+        out = client.post("/label/api/generate", json=body, headers=auth).json()
+        assert client.post("/label/api/generate", json=body, headers=auth).json() == out  # seeded: the same again
+        api = [client.post("/v1/chat/completions", headers=auth, json={
+            "model": "chat", "messages": [{"role": "user", "content": prompt}], "temperature": 1.0, "max_tokens": 8,
+            "seed": 11 + i}).json()["choices"][0]["message"]["content"] for i in range(3)]
+        distinct = list(dict.fromkeys(t for t in api if t.strip()))
+        assert [a["text"] for a in out["item"]["answers"]] == distinct and len(distinct) >= 2
+        a = out["item"]["answers"]
+        r = client.post("/label/api/rank", headers=auth, json={
+            "prompt_id": out["item"]["prompt_id"], "prompt": prompt, "answers": a, "ranking": [[a[1]["id"]], [a[0]["id"]]]})
+        assert r.status_code == 200 and r.json()["stored"]
+        assert L.ranking_to_pairs(L.read_labels(tmp_path / "labels" / "labels.jsonl")[0]) == [
+            {"prompt": prompt, "chosen": a[1]["text"], "rejected": a[0]["text"]}]
+        assert client.get("/label/api/prompt", headers=auth).json()["prompt"] is None
+
+        wrong = client.post("/label/api/generate", headers=auth, json={"prompt": "Hi", "model": "rm"})
+        assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_model_kind"
+        long = client.post("/label/api/generate", headers=auth, json={"prompt": "fox " * 400})
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
