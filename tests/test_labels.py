@@ -271,3 +271,47 @@ def test_candidates_file(tmp_path):
     f.write_text(json.dumps(c1) + "\n" + json.dumps({"prompt_id": "c3", "prompt": "P3"}) + "\n")
     with pytest.raises(DataError, match=f"{f}:2: missing field 'answers'"):
         L.read_candidates(f)
+
+
+CRASHER = r"""
+import sys
+from chatforge.serve import labels as L
+store = L.LabelStore(sys.argv[1])
+a = [{"id": "x", "text": "yes " * 200}, {"id": "y", "text": "no " * 200}]
+i = 0
+while True:
+    store.add_ranking(f"q{i}", f"prompt {i}", a, [["x"], ["y"]])
+    i += 1
+    print(i, flush=True)  # acknowledged: the line is written and fsynced
+"""
+
+
+def test_a_killed_writer_loses_nothing_acknowledged(tmp_path):
+    """SIGKILL a process in the middle of appending: every acknowledged ranking is in the file, the file reads, and
+    a restarted store appends after it."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    acked = 0
+    try:
+        for line in proc.stdout:
+            acked = int(line)
+            if acked >= 30:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc.stdout.close()
+    assert acked >= 30
+    store = L.LabelStore(tmp_path)
+    recs = L.read_labels(tmp_path / "labels.jsonl")
+    assert len(recs) >= acked and store.labels.count == len(recs)
+    assert [r["prompt_id"] for r in recs] == [f"q{i}" for i in range(len(recs))]
+    a = recs[0]["answers"]
+    assert store.add_ranking("after", "after the crash", a, [["y"], ["x"]]).stored
+    assert L.read_labels(tmp_path / "labels.jsonl")[-1]["prompt_id"] == "after"
