@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hmac
 import inspect
-import logging
 import os
 import threading
 from pathlib import Path
@@ -40,8 +39,6 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from chatforge.data.records import DataError, RecordProblem
 from chatforge.serve import labels as L
-
-log = logging.getLogger("chatforge.serve")
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 16
