@@ -202,6 +202,16 @@ def by_id(driver, id_):
     return driver.find_element(By.ID, id_)
 
 
+def is_stale(el) -> bool:
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        el.is_enabled()
+        return False
+    except StaleElementReferenceException:
+        return True
+
+
 def text_of(el) -> str:
     return el.get_attribute("textContent")
 
@@ -241,7 +251,7 @@ def test_chat_page_streams_an_answer(browser, server, shots):
     d.save_screenshot(str(shots / "serve_chat.png"))
 
     by_id(d, "regenerate").click()  # the same greedy answer again, in place of the first
-    wait(d, lambda d: not css(d, ".msg.assistant[data-state=done]"), what="regeneration to start")
+    wait(d, lambda d: is_stale(answer), what="regeneration to start")
     wait(d, lambda d: css(d, ".msg.assistant[data-state=done]"), what="the regenerated answer")
     assert [text_of(m) for m in css(d, ".msg.assistant .content")] == [expected]
 
@@ -330,3 +340,53 @@ def test_chat_page_sse_parser(browser, server):
           .then(done, (e) => done("error: " + e));
     """, [list(c) for c in chunks])
     assert got == ["one", "two", "été", "line 1\nline 2", "[DONE]", "tail"]
+
+
+def test_chat_page_stop_and_errors(browser, server):
+    """Stop aborts a stream that would never end (the page's fetch is swapped for an endless stream) and keeps the
+    text so far; a request the server refuses shows the server's message and leaves no empty answer behind."""
+    d = browser
+    d.get(server.url + "/")
+    wait(d, lambda d: css(d, "#model option"), what="the model list")  # the key is kept from the first test
+    set_values(d, {"max_tokens": "100000"})  # past the model's context: the server says so
+    by_id(d, "input").send_keys("Hello?")
+    by_id(d, "send").click()
+    wait(d, lambda d: css(d, ".msg.assistant .note.error"), what="the error")
+    note = text_of(css(d, ".msg.assistant .note.error")[0])
+    assert note.startswith("Error: ") and "max_tokens" in note
+    assert text_of(css(d, ".msg.assistant .content")[0]) == ""
+    assert d.execute_script("return state.messages.length") == 1  # no empty answer in the conversation
+    by_id(d, "reset").click()
+
+    d.execute_script("""
+        window.__aborted = false;
+        window.fetch = (url, opts) => {
+          const enc = new TextEncoder();
+          let timer;
+          const body = new ReadableStream({
+            start(ctl) {
+              let i = 0;
+              timer = setInterval(() => ctl.enqueue(enc.encode(
+                'data: ' + JSON.stringify({choices: [{index: 0, delta: {content: 'w' + (i++) + ' '}}]}) + '\\n\\n')), 30);
+              opts.signal.addEventListener('abort', () => {
+                window.__aborted = true; clearInterval(timer); ctl.error(new DOMException('aborted', 'AbortError'));
+              });
+            },
+            cancel() { clearInterval(timer); },
+          });
+          return Promise.resolve(new Response(body, {status: 200, headers: {'Content-Type': 'text/event-stream'}}));
+        };
+    """)
+    by_id(d, "input").send_keys("Talk forever.")
+    by_id(d, "send").click()
+    wait(d, lambda d: int(css(d, ".msg.assistant")[0].get_attribute("data-chunks") or 0) >= 3, what="a few chunks")
+    assert by_id(d, "send").get_attribute("disabled") is not None  # one answer at a time
+    by_id(d, "stop").click()
+    wait(d, lambda d: css(d, ".msg.assistant[data-state=done]"), what="the stopped answer")
+    assert d.execute_script("return window.__aborted") is True
+    (answer,) = css(d, ".msg.assistant")
+    kept = text_of(css(answer, ".content")[0])
+    assert kept.startswith("w0 w1 w2 ") and "Stopped." in text_of(answer)
+    assert by_id(d, "stop").get_attribute("disabled") is not None and by_id(d, "send").get_attribute("disabled") is None
+    assert d.execute_script("return state.messages") == [{"role": "user", "content": "Talk forever."},
+                                                          {"role": "assistant", "content": kept}]
