@@ -4,10 +4,11 @@ requests through `transformers`' own batched `generate`.
     python benchmarks/serve_speed.py --model runs/tiny/sft --prompts runs/tiny/data/eval_prompts.jsonl
 
 Each serving mode starts `chatforge serve` in a subprocess on 127.0.0.1 (a free port) and runs ``--clients``
-concurrent streaming clients (httpx, server-sent events), each sending ``--requests-per-client`` chat requests
+concurrent streaming clients (plain asyncio HTTP/1.1 sockets reading server-sent events), each sending ``--requests-per-client`` chat requests
 one after the other (greedy, ``--max-tokens`` new tokens at most). Reported per mode: generated tokens/s over
 the whole run (every client's tokens / wall time), time to first token (first content chunk) p50/p95, and
-whether every answer equals the one-at-a-time answer.
+whether every answer equals the one-at-a-time answer. Each mode runs ``--repeats`` times; the median run
+is shown (the development machine is shared, so single runs vary).
 
 - ``batched``: the server as shipped (``--max-batch`` = clients): one decode step over all active requests.
 - ``one-at-a-time``: the same server with ``--max-batch 1``: requests are served one after another.
@@ -98,17 +99,34 @@ class Server:
             self.proc.wait(10)
 
 
-async def one_request(http, url: str, question: str, max_tokens: int) -> dict:
-    body = {"model": "bench", "messages": [{"role": "user", "content": question}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+async def one_request(port: int, question: str, max_tokens: int) -> dict:
+    """One streamed chat request over a plain asyncio socket: HTTP/1.1, chunked transfer, server-sent events.
+    (A small client on purpose: on a 2-core machine a full client library spends more CPU than the server.)"""
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": question}], "temperature": 0,
+                       "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}).encode()
     t0 = time.perf_counter()
-    ttft, text, usage = None, "", None
-    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"HTTP error: {status!r} {await reader.read()!r}")
+    while (await reader.readline()) not in (b"\r\n", b""):  # headers (the body is chunked)
+        pass
+    ttft, text, usage, buf = None, "", None, b""
+    while True:
+        size = int((await reader.readline()).strip() or b"0", 16)
+        if size == 0:
+            break
+        buf += await reader.readexactly(size)
+        await reader.readexactly(2)  # the CRLF after each chunk
+        *events, buf = buf.split(b"\n\n")
+        for ev in events:
+            data = ev.decode()[len("data: "):]
+            if data == "[DONE]":
                 continue
-            chunk = json.loads(line[6:])
+            chunk = json.loads(data)
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for c in chunk.get("choices", []):
@@ -117,27 +135,24 @@ async def one_request(http, url: str, question: str, max_tokens: int) -> dict:
                     if ttft is None:
                         ttft = time.perf_counter() - t0
                     text += piece
+    writer.close()
     return {"ttft": ttft, "text": text, "tokens": usage["completion_tokens"], "latency": time.perf_counter() - t0}
 
 
-async def run_clients(url: str, questions: list[list[str]], max_tokens: int, time_limit: float) -> dict:
-    import httpx
-
-    limits = httpx.Limits(max_connections=len(questions) + 4, max_keepalive_connections=len(questions) + 4)
+async def run_clients(port: int, questions: list[list[str]], max_tokens: int, time_limit: float) -> dict:
     results: dict[tuple[int, int], dict] = {}
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as http:
-        await one_request(http, url, questions[0][0], 4)  # warm-up (not counted)
-        t0 = time.perf_counter()
-        deadline = t0 + time_limit
+    await one_request(port, questions[0][0], 4)  # warm-up (not counted)
+    t0 = time.perf_counter()
+    deadline = t0 + time_limit
 
-        async def client(i: int) -> None:
-            for j, q in enumerate(questions[i]):
-                if time.perf_counter() > deadline:
-                    return
-                results[(i, j)] = await one_request(http, url, q, max_tokens)
+    async def client(i: int) -> None:
+        for j, q in enumerate(questions[i]):
+            if time.perf_counter() > deadline:
+                return
+            results[(i, j)] = await one_request(port, q, max_tokens)
 
-        await asyncio.gather(*(client(i) for i in range(len(questions))))
-        wall = time.perf_counter() - t0
+    await asyncio.gather(*(client(i) for i in range(len(questions))))
+    wall = time.perf_counter() - t0
     toks = sum(r["tokens"] for r in results.values())
     ttfts = [r["ttft"] for r in results.values() if r["ttft"] is not None]
     return {"requests": len(results), "tokens": toks, "wall_s": wall, "tokens_per_s": toks / wall,
@@ -148,7 +163,7 @@ async def run_clients(url: str, questions: list[list[str]], max_tokens: int, tim
 def serve_mode(model: str, max_batch: int, threads: int, questions, max_tokens: int, time_limit: float) -> dict:
     server = Server(model, max_batch, threads)
     try:
-        return asyncio.run(run_clients(server.url, questions, max_tokens, time_limit))
+        return asyncio.run(run_clients(server.port, questions, max_tokens, time_limit))
     finally:
         server.stop()
 
@@ -217,6 +232,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the server (0 = one per core)")
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds per mode before clients stop")
     ap.add_argument("--modes", default="batched,one-at-a-time,hf-generate,scheduler")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per mode; the median run (by tokens/s) is shown")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     threads = set_threads(args.threads)
@@ -226,22 +242,27 @@ def main() -> None:
     rows, results = [], {}
     kv = None
     for mode in modes:
-        print(f"running {mode} ...", flush=True)
-        if mode == "batched":
-            r = serve_mode(args.model, args.clients, threads, questions, args.max_tokens, args.time_limit)
-        elif mode == "one-at-a-time":
-            r = serve_mode(args.model, 1, threads, questions, args.max_tokens, args.time_limit)
-        elif mode == "hf-generate":
-            r = hf_generate_mode(args.model, questions, args.max_tokens, args.time_limit)
-        elif mode == "scheduler":
-            r, kv = scheduler_mode(args.model, questions, args.max_tokens, args.clients)
-        else:
-            raise SystemExit(f"unknown mode {mode}")
-        results[mode] = r
+        runs = []
+        for rep in range(args.repeats):
+            print(f"running {mode} ({rep + 1}/{args.repeats}) ...", flush=True)
+            if mode == "batched":
+                r = serve_mode(args.model, args.clients, threads, questions, args.max_tokens, args.time_limit)
+            elif mode == "one-at-a-time":
+                r = serve_mode(args.model, 1, threads, questions, args.max_tokens, args.time_limit)
+            elif mode == "hf-generate":
+                r = hf_generate_mode(args.model, questions, args.max_tokens, args.time_limit)
+            elif mode == "scheduler":
+                r, kv = scheduler_mode(args.model, questions, args.max_tokens, args.clients)
+            else:
+                raise SystemExit(f"unknown mode {mode}")
+            runs.append(r)
+        runs.sort(key=lambda r: r["tokens_per_s"])
+        results[mode] = {**runs[len(runs) // 2], "tokens_per_s_all": [r["tokens_per_s"] for r in runs]}
     base = results.get("one-at-a-time", {}).get("tokens_per_s")
     for mode in modes:
         r = results[mode]
         rows.append({"mode": mode, "requests": r["requests"], "tokens": r["tokens"], "wall s": r["wall_s"],
+                     "runs tokens/s": " / ".join(f"{x:.0f}" for x in r["tokens_per_s_all"]),
                      "tokens/s": r["tokens_per_s"], "x one-at-a-time": r["tokens_per_s"] / base if base else "n/a",
                      "TTFT p50 s": r["ttft_p50_s"], "TTFT p95 s": r["ttft_p95_s"]})
     if "batched" in results and "one-at-a-time" in results:
@@ -254,7 +275,7 @@ def main() -> None:
 
         kv = Scheduler(load_causal_lm(args.model)[0], max_batch=1).kv_bytes_per_request()
     info = machine_info()
-    print_table(rows, ["mode", "requests", "tokens", "wall s", "tokens/s", "x one-at-a-time", "TTFT p50 s",
+    print_table(rows, ["mode", "requests", "tokens", "wall s", "tokens/s", "runs tokens/s", "x one-at-a-time", "TTFT p50 s",
                        "TTFT p95 s"],
                 f"serving {args.model}: {args.clients} clients x {args.requests_per_client} requests, greedy, "
                 f"<= {args.max_tokens} new tokens; {info['cpu']}, {threads} threads")

@@ -98,6 +98,11 @@ async def _pieces(events, ts: TextStream, stop_ids: set) -> AsyncIterator[Piece]
 
 async def merge(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
     """(index, piece) from several answers as each produces them. Closing it cancels every answer left."""
+    if len(gens) == 1:  # one answer (the common case): no task and queue in between
+        async with aclosing(gens[0]) as g:
+            async for p in g:
+                yield 0, p
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
