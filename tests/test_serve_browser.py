@@ -4,7 +4,7 @@ subprocess on a free port, stopped by pid.
 
 - chat page: it asks for the API key (the server needs one) and lists the model once given it; a message is sent and the answer streams in (several pieces) and equals the server's own greedy
   answer; regenerate gives it again; reset clears the conversation.
-- labelling page: a ranking with a tie is submitted for a candidate and lands in the labels file; the model's k
+- labelling page: it asks for the API key too; a ranking with a tie is submitted for a candidate and lands in the labels file; the model's k
   answers to a typed prompt (seeded: the same seed gives the same answers) are ranked and land there too; a written answer lands in the demonstrations file.
 
 Screenshots of both pages are saved under the test's tmp folder (printed); with CHATFORGE_UPDATE_SCREENSHOTS=1 they
@@ -94,7 +94,8 @@ def browser(tmp_path_factory):
         from selenium.webdriver.chrome.service import Service
     except ImportError:
         pytest.skip("selenium is not installed: pip install selenium (the dev extra); and `" + INSTALL + "`")
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a driver or a browser
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SE_OFFLINE", "true")  # Selenium Manager must never fetch a driver or a browser
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -108,6 +109,7 @@ def browser(tmp_path_factory):
         yield driver
     finally:
         driver.quit()
+        mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +218,24 @@ def text_of(el) -> str:
     return el.get_attribute("textContent")
 
 
+def open_fresh(driver, url: str) -> None:
+    """Load ``url`` with nothing remembered by the pages (no stored API key or settings)."""
+    driver.get(url)
+    driver.execute_script("window.localStorage.clear()")
+    driver.get(url)
+
+
+def chat_with_key(driver, server) -> None:
+    """Open the chat page afresh; it asks for the API key (the server needs one); give it."""
+    open_fresh(driver, server.url + "/")
+    wait(driver, lambda d: by_id(d, "key-field").is_displayed(), what="the API-key field")  # /v1/models said 401
+    assert "needs an API key" in by_id(driver, "banner").text and css(driver, "#model option") == []
+    by_id(driver, "api_key").send_keys(KEY)
+    by_id(driver, "input").click()  # leaving the field stores the key and lists the models again
+    wait(driver, lambda d: css(d, "#model option"), what="the model list")
+    assert not by_id(driver, "banner").is_displayed()
+
+
 def set_values(driver, values: dict) -> None:
     """Set form fields as a person would leave them (the page reads them on send)."""
     driver.execute_script(
@@ -231,13 +251,7 @@ def test_chat_page_streams_an_answer(browser, server, shots):
         "temperature": 0, "max_tokens": max_tokens})
     assert len(expected) >= 2
 
-    d.get(server.url + "/")
-    wait(d, lambda d: by_id(d, "key-field").is_displayed(), what="the API-key field")  # /v1/models said 401
-    assert "needs an API key" in by_id(d, "banner").text and css(d, "#model option") == []
-    by_id(d, "api_key").send_keys(KEY)
-    by_id(d, "input").click()  # leaving the field stores the key and lists the models again
-    wait(d, lambda d: css(d, "#model option"), what="the model list")
-    assert not by_id(d, "banner").is_displayed()
+    chat_with_key(d, server)
     assert [text_of(o) for o in css(d, "#model option")] == [server.model]
     set_values(d, {"temperature": "0", "max_tokens": str(max_tokens)})
     by_id(d, "input").send_keys(CHAT_PROMPT)
@@ -270,8 +284,13 @@ def rank(driver, ranks: list) -> None:
 def test_label_page_stores_rankings_and_written_answers(browser, server, shots):
     d = browser
     labels_file = server.labels / "labels.jsonl"
-    d.get(server.url + "/label")
+    open_fresh(d, server.url + "/label")
+    wait(d, lambda d: by_id(d, "key-card").is_displayed(), what="the API-key card")  # the label API said 401
+    assert "needs an API key" in by_id(d, "message").text
+    by_id(d, "api_key").send_keys(KEY)
+    by_id(d, "key-save").click()
     wait(d, lambda d: text_of(by_id(d, "item-id")) == "cand-1", what="the first candidate")
+    assert not by_id(d, "key-card").is_displayed()
     by_id(d, "labeler").send_keys("ann")
     cards = css(d, "#answers .answer")
     assert [text_of(css(c, ".content")[0]) for c in cards] == [a["text"] for a in CANDIDATES[0]["answers"]]
@@ -346,8 +365,7 @@ def test_chat_page_stop_and_errors(browser, server):
     """Stop aborts a stream that would never end (the page's fetch is swapped for an endless stream) and keeps the
     text so far; a request the server refuses shows the server's message and leaves no empty answer behind."""
     d = browser
-    d.get(server.url + "/")
-    wait(d, lambda d: css(d, "#model option"), what="the model list")  # the key is kept from the first test
+    chat_with_key(d, server)
     set_values(d, {"max_tokens": "100000"})  # past the model's context: the server says so
     by_id(d, "input").send_keys("Hello?")
     by_id(d, "send").click()
