@@ -2,10 +2,12 @@
 against a real server: `chatforge serve --api-key ... --labels-dir ... --candidates ...` (uvicorn) on 127.0.0.1, a
 subprocess on a free port, stopped by pid.
 
-- chat page: it asks for the API key (the server needs one) and lists the model once given it; a message is sent and the answer streams in (several pieces) and equals the server's own greedy
-  answer; regenerate gives it again; reset clears the conversation.
-- labelling page: it asks for the API key too; a ranking with a tie is submitted for a candidate and lands in the labels file; the model's k
-  answers to a typed prompt (seeded: the same seed gives the same answers) are ranked and land there too; a written answer lands in the demonstrations file.
+- chat page: it asks for the API key (the server needs one) and lists the model once given it; a message is sent
+  and the answer streams in (several pieces) equal to the server's own greedy answer; regenerate gives it again;
+  reset clears the conversation; Stop aborts an endless stream and keeps its text; a refused request shows why.
+- labelling page: it asks for the API key too; a ranking with a tie is submitted for a candidate and lands in the
+  labels file; the model's k answers to a typed prompt (seeded: the same seed gives the same answers) are ranked
+  and land there too; a written answer lands in the demonstrations file.
 
 Screenshots of both pages are saved under the test's tmp folder (printed); with CHATFORGE_UPDATE_SCREENSHOTS=1 they
 are also copied to docs/serve_chat.png and docs/serve_label.png. CHATFORGE_PAGES_MODEL=DIR serves that model
