@@ -391,7 +391,13 @@ class Scheduler:
         if self.active:  # every active request has a pending token: decode them all, then admit newcomers
             self._decode(list(self.active))
         if admit:
-            self._prefill(admit)
+            try:
+                self._prefill(admit)
+            except Exception as e:  # the newcomers are not in the batch yet: end them here
+                for h in admit:
+                    if h not in self.active and not h.done:
+                        h._emit(RequestEvent(error=f"generation failed: {type(e).__name__}: {e}"))
+                raise
         self.steps += 1
         return bool(self.active or self.waiting)
 

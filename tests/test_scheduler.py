@@ -240,3 +240,27 @@ def test_prompt_logprobs_equal_a_full_forward(gpt):
         best = ref[t - 1].topk(2)
         assert [i for i, _ in tops[t]] == best.indices.tolist()
     assert math.isclose(sum(math.exp(v) for v in ref[0].tolist()), 1.0, rel_tol=1e-5)
+
+
+def test_a_failing_forward_ends_its_requests_and_the_scheduler_goes_on(gpt, monkeypatch):
+    s = Scheduler(gpt, max_batch=4).start()
+    try:
+        real = type(gpt).forward
+        calls = {"n": 0}
+
+        def flaky(self, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] in (1, 4):  # the first prefill, then a decode step
+                raise RuntimeError("device lost")
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(type(gpt), "forward", flaky)
+        a = s.submit(Request([6, 7], 10, temperature=0.0)).wait(30)
+        assert a.error is not None and "device lost" in a.error and a.tokens == []
+        b = s.submit(Request([6, 7], 10, temperature=0.0)).wait(30)  # prefill ok, 2 decodes, then a failure
+        assert "device lost" in b.error and s.num_active == 0 and s.cache.n == 0
+        monkeypatch.setattr(type(gpt), "forward", real)
+        c = s.submit(Request([6, 7], 10, temperature=0.0)).wait(30)
+        assert c.error is None and c.tokens == solo(gpt, [6, 7], 10, temperature=0.0)
+    finally:
+        s.close()
