@@ -306,6 +306,8 @@ def test_every_error_is_openai_shaped_and_the_server_keeps_serving(client):
         (client.post("/v1/chat/completions", json={"model": "chat", "messages": [
             {"role": "assistant", "content": "x"}]}), 400, "invalid_value", ["start"]),
         (client.post("/v1/completions", json={"model": "chat"}), 400, "missing_required_parameter", ["prompt"]),
+        (client.post("/v1/completions", json={"model": "chat", "prompt": "x", "echo": "yes"}), 400,
+         "invalid_value", ["echo"]),
         (client.post("/v1/completions", json={"model": "chat", "prompt": [5, 99999]}), 400, "invalid_value",
          ["vocabulary"]),
         (client.post("/v1/completions", json={"model": "chat", "prompt": "x", "logprobs": 50}), 400,

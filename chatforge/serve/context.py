@@ -54,6 +54,8 @@ class ServedModel:
     normalized: bool = False
     """Reward models: True when the directory holds the rm stage's score statistics (normalised scores)."""
     created: int = field(default_factory=lambda: int(time.time()))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Serialises a reward model's scoring (chat models go through their scheduler)."""
 
     @property
     def stop_ids(self) -> list[int]:

@@ -12,8 +12,10 @@ import json
 import secrets
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
+import torch
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -21,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from chatforge.scheduler import Request, prompt_logprobs
 from chatforge.serve.context import ServedModel, ServeContext, ServeError
 from chatforge.serve.generation import Piece, TokenInfo, answer_pieces, merge, token_bytes, token_text
-from chatforge.serve.params import (Logprobs, read_chat_logprobs, read_completion_logprobs, read_messages,
-                                    read_prompts, read_sampling)
+from chatforge.serve.params import (Logprobs, read_bool, read_chat_logprobs, read_completion_logprobs,
+                                    read_messages, read_prompts, read_sampling)
 from chatforge.tokenizer import ConversationError, render_prompt, render_response
 
 
@@ -180,9 +182,7 @@ def add_openai_routes(app: FastAPI, ctx: ServeContext) -> None:
         explicit = body.get("max_tokens") is not None
         sp = read_sampling(body, default_max_tokens=16, min_max_tokens=0)
         lp = read_completion_logprobs(body)
-        echo = bool(body.get("echo") or False)
-        if not isinstance(body.get("echo", False), (bool, type(None))):
-            raise ServeError("'echo': expected true or false", 400, param="echo", code="invalid_value")
+        echo = read_bool(body, "echo")
         m = ctx.get(sp.model, "chat")
         tok = m.tokenizer
         jobs = []  # per prompt: (ids fed to the model, echoed ids, echoed text, new tokens)
@@ -268,12 +268,8 @@ def add_openai_routes(app: FastAPI, ctx: ServeContext) -> None:
 
 
 def _score_locked(m: ServedModel, p_ids, r_ids):
-    import threading
-
-    import torch
-
-    lock = m.__dict__.setdefault("_lock", threading.Lock())
-    with lock, torch.inference_mode():
+    """A reward model's scores, one request at a time (it has no scheduler)."""
+    with m.lock, torch.inference_mode():
         return m.scorer.score_ids(p_ids, r_ids)
 
 
@@ -311,7 +307,7 @@ async def _chat_chunks(m: ServedModel, reqs: list[Request], stop: list[str], lp:
         yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}], **extra})
     completion_tokens = 0
-    async with _closing(merge([answer_pieces(m, r, stop) for r in reqs])) as pieces:
+    async with aclosing(merge([answer_pieces(m, r, stop) for r in reqs])) as pieces:
         async for i, piece in _guarded(pieces):
             if i < 0:
                 yield _sse(error_body(piece, "server_error"))
@@ -350,7 +346,7 @@ async def _completion_chunks(m: ServedModel, reqs: list[Request], stop: list[str
             yield chunk(k, text, tokens, None)
     live = [k for k, r in enumerate(reqs) if r.max_new_tokens > 0]
     completion_tokens = 0
-    async with _closing(merge([answer_pieces(m, reqs[k], stop) for k in live])) as pieces:
+    async with aclosing(merge([answer_pieces(m, reqs[k], stop) for k in live])) as pieces:
         async for j, piece in _guarded(pieces):
             if j < 0:
                 yield _sse(error_body(piece, "server_error"))
@@ -363,8 +359,3 @@ async def _completion_chunks(m: ServedModel, reqs: list[Request], stop: list[str
         yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
     yield "data: [DONE]\n\n"
 
-
-def _closing(gen):
-    from contextlib import aclosing
-
-    return aclosing(gen)

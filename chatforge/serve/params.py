@@ -42,7 +42,7 @@ def _int(body: dict, key: str, default: Optional[int], lo: int, hi: Optional[int
     return v
 
 
-def _bool(body: dict, key: str, default: bool = False) -> bool:
+def read_bool(body: dict, key: str, default: bool = False) -> bool:
     v = body.get(key)
     if v is None:
         return default
@@ -86,7 +86,7 @@ def read_sampling(body: dict, *, default_max_tokens: Optional[int], min_max_toke
     if model is not None and not isinstance(model, str):
         raise _bad("model", f"expected the model's id as a string, got {type(model).__name__}")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    stream = _bool(body, "stream")
+    stream = read_bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise _bad("stream_options", "expected an object like {\"include_usage\": true}")
@@ -99,7 +99,7 @@ def read_sampling(body: dict, *, default_max_tokens: Optional[int], min_max_toke
         seed=_int(body, "seed", None, -(2**63), 2**63 - 1),
         n=_int(body, "n", 1, 1, MAX_N),
         stream=stream,
-        include_usage=bool(opts and _bool(opts, "include_usage")),
+        include_usage=bool(opts and read_bool(opts, "include_usage")),
         max_tokens_param=key,
     )
 
@@ -185,7 +185,7 @@ class Logprobs:
 
 
 def read_chat_logprobs(body: dict) -> Logprobs:
-    on = _bool(body, "logprobs")
+    on = read_bool(body, "logprobs")
     top = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     if top and not on:
         raise _bad("top_logprobs", "needs \"logprobs\": true")
