@@ -271,8 +271,25 @@ def test_chat_page_streams_an_answer(browser, server, shots):
     wait(d, lambda d: css(d, ".msg.assistant[data-state=done]"), what="the regenerated answer")
     assert [text_of(m) for m in css(d, ".msg.assistant .content")] == [expected]
 
+    # a second turn carries the conversation, the system prompt and the settings
+    d.execute_script("""
+        const real = window.fetch; window.__sent = [];
+        window.fetch = (url, opts) => { if (opts && opts.body) window.__sent.push(JSON.parse(opts.body)); return real(url, opts); };
+    """)
+    set_values(d, {"system": "Be brief.", "top_p": "0.9"})
+    by_id(d, "input").send_keys("And 5 plus 5?")
+    by_id(d, "send").click()
+    # (the micro model's context may be too short for this turn: an error answer is fine, the request is the point)
+    wait(d, lambda d: len(css(d, ".msg.assistant[data-state=done], .msg.assistant[data-state=error]")) == 2,
+         what="the second answer")
+    (sent,) = d.execute_script("return window.__sent")
+    assert sent == {"model": server.model, "stream": True, "temperature": 0, "top_p": 0.9, "max_tokens": max_tokens,
+                    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": CHAT_PROMPT},
+                                 {"role": "assistant", "content": expected}, {"role": "user", "content": "And 5 plus 5?"}]}
+
     by_id(d, "reset").click()
     assert css(d, ".msg") == [] and by_id(d, "empty").is_displayed()
+    assert d.execute_script("return state.messages") == []
 
 
 def rank(driver, ranks: list) -> None:
