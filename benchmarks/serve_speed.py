@@ -4,8 +4,8 @@ requests through `transformers`' own batched `generate`.
     python benchmarks/serve_speed.py --model runs/tiny/sft --prompts runs/tiny/data/eval_prompts.jsonl
 
 Each serving mode starts `chatforge serve` in a subprocess on 127.0.0.1 (a free port) and runs ``--clients``
-concurrent streaming clients (plain asyncio HTTP/1.1 sockets reading server-sent events), each sending ``--requests-per-client`` chat requests
-one after the other (greedy, ``--max-tokens`` new tokens at most). Reported per mode: generated tokens/s over
+concurrent streaming clients (plain asyncio HTTP/1.1 sockets reading server-sent events), each sending
+``--requests-per-client`` chat requests one after the other (greedy, ``--max-tokens`` new tokens at most). Reported per mode: generated tokens/s over
 the whole run (every client's tokens / wall time), time to first token (first content chunk) p50/p95, and
 whether every answer equals the one-at-a-time answer. Each mode runs ``--repeats`` times; the median run
 is shown (the development machine is shared, so single runs vary).
@@ -275,8 +275,8 @@ def main() -> None:
 
         kv = Scheduler(load_causal_lm(args.model)[0], max_batch=1).kv_bytes_per_request()
     info = machine_info()
-    print_table(rows, ["mode", "requests", "tokens", "wall s", "tokens/s", "runs tokens/s", "x one-at-a-time", "TTFT p50 s",
-                       "TTFT p95 s"],
+    print_table(rows, ["mode", "requests", "tokens", "wall s", "tokens/s", "runs tokens/s", "x one-at-a-time",
+                       "TTFT p50 s", "TTFT p95 s"],
                 f"serving {args.model}: {args.clients} clients x {args.requests_per_client} requests, greedy, "
                 f"<= {args.max_tokens} new tokens; {info['cpu']}, {threads} threads")
     if kv is not None:

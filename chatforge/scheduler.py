@@ -34,10 +34,11 @@ callback on the scheduler thread) or drive it by hand (:meth:`step`, :meth:`run_
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -244,7 +245,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     hot = (temperature > 0).nonzero().flatten().tolist()
     if hot:
         t = temperature[hot].to(logits)[:, None]  # (h, 1)
-        x = torch.where(t == 1.0, logits[hot], logits[hot] / t)  # (h, V)
+        x = logits[hot] / t  # (h, V); x / 1.0 == x exactly
         p_keep = top_p[hot].to(logits)  # (h,)
         if bool((p_keep < 1.0).any()):
             sorted_x, order = torch.sort(x, dim=-1, descending=True)  # (h, V)
@@ -300,7 +301,8 @@ class Scheduler:
             cfg = model.cfg
             self.cache = SlotCache(cfg.n_layer, max_batch, kv_heads(cfg), self.cache_len, cfg.n_embd // cfg.n_head,
                                    self.device, _cache_dtype(model, self.device))
-        self._seeds = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        seed = seed if seed is not None else int.from_bytes(os.urandom(7), "little")  # the global RNG untouched
+        self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self.waiting: deque[RequestHandle] = deque()

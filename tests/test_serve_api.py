@@ -161,7 +161,9 @@ def test_chat_stream_chunk_format_and_usage(client, ref):
     assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     body = chunks[1:-1]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in body) == text
+    pieces = [c["choices"][0]["delta"]["content"] for c in body if c["choices"][0]["delta"].get("content")]
+    assert "".join(pieces) == text
+    assert not any(p.endswith("\ufffd") for p in pieces[:-1])  # whole UTF-8 characters only
     assert all(c["choices"][0]["finish_reason"] is None for c in body[:-1])
     assert body[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
     assert all(c["usage"] is None for c in chunks[:-1])
