@@ -363,3 +363,17 @@ def test_context_generate_for_the_pages(client, ref):
         args = {"model_name": "chat", "messages": HI, **kw}
         with pytest.raises(ServeError, match=word):
             asyncio.run(ctx.generate(**args))
+
+
+def test_model_specs_and_bad_directories(tmp_path):
+    from chatforge.serve.models import load_all, model_names
+
+    assert model_names(["pol=/x/y", "/p/q/sft"]) == [("pol", "/x/y"), ("sft", "/p/q/sft")]
+    with pytest.raises(ValueError, match="two models would be called 'sft'.*NAME=DIR"):
+        model_names(["/a/sft", "/b/sft"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_all([str(tmp_path / "none")])
+    with pytest.raises(ValueError, match="no config.json"):
+        load_all([str(tmp_path)])
+    with pytest.raises(ValueError, match="at least one --model"):
+        load_all([])
