@@ -307,23 +307,27 @@ async def _chat_chunks(m: ServedModel, reqs: list[Request], stop: list[str], lp:
         yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}], **extra})
     completion_tokens = 0
+    held = ""  # a choice's last events, written together with the next ones (fewer writes per answer)
     async with aclosing(merge([answer_pieces(m, r, stop) for r in reqs])) as pieces:
         async for i, piece in _guarded(pieces):
             if i < 0:
-                yield _sse(error_body(piece, "server_error"))
-                yield "data: [DONE]\n\n"
+                yield held + _sse(error_body(piece, "server_error")) + "data: [DONE]\n\n"
                 return
             completion_tokens += len(piece.tokens)
             logprobs = {"content": chat_logprob_entries(m.tokenizer, piece.tokens, lp.top)} if lp.on else None
+            out = ""
             if piece.text or (lp.on and piece.tokens):
-                yield _sse({**base, "choices": [{"index": i, "delta": {"content": piece.text}, "logprobs": logprobs,
-                                                 "finish_reason": None}], **extra})
+                out += _sse({**base, "choices": [{"index": i, "delta": {"content": piece.text}, "logprobs": logprobs,
+                                                  "finish_reason": None}], **extra})
             if piece.finish is not None:
-                yield _sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                 "finish_reason": piece.finish}], **extra})
+                held += out + _sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                         "finish_reason": piece.finish}], **extra})
+            elif out:
+                yield held + out
+                held = ""
     if include_usage:
-        yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-    yield "data: [DONE]\n\n"
+        held += _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    yield held + "data: [DONE]\n\n"
 
 
 async def _completion_chunks(m: ServedModel, reqs: list[Request], stop: list[str], lp: Logprobs,
