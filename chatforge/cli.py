@@ -31,6 +31,7 @@ TOOL_COMMANDS = (  # (name, one-line help): chatforge/commands/<name>.py with ad
     ("chat", "chat in the terminal"),
     ("score", "score responses with a reward model"),
     ("report", "rebuild a run's report card"),
+    ("serve", "serve models over an OpenAI-compatible API, with a web chat and a labelling page"),
 )
 TAKES_OVERRIDES = STAGE_COMMANDS + ("pipeline",)
 """Commands whose extra ``--section.key=value`` words are config overrides."""
