@@ -315,3 +315,29 @@ def test_a_killed_writer_loses_nothing_acknowledged(tmp_path):
     a = recs[0]["answers"]
     assert store.add_ranking("after", "after the crash", a, [["y"], ["x"]]).stored
     assert L.read_labels(tmp_path / "labels.jsonl")[-1]["prompt_id"] == "after"
+
+
+def test_the_pipeline_reads_what_the_page_writes(tmp_path):
+    """A ranking of a candidate and one of a typed prompt (its own prompt and answers on the line) in one labels
+    file: the pipeline's reader (chatforge.data.labels) takes both and expands them to the page's pairs."""
+    from chatforge.data import labels as P
+
+    cands = tmp_path / "candidates.jsonl"
+    cand = P.make_candidate("Say hi.", ["Hi!", "Hello.", "Go away."])
+    P.write_candidates(cands, [cand])
+    store = L.LabelStore(tmp_path / "labels")
+    c = cand.answers
+    store.add_ranking(cand.prompt_id, cand.prompt, c, [[c[1]["id"]], [c[0]["id"]], [c[2]["id"]]])
+    typed = answers("4", "Four.", "5")
+    store.add_ranking(L.prompt_id("2 + 2?"), "2 + 2?", typed, [[typed[1]["id"], typed[0]["id"]], [typed[2]["id"]]])
+    got = P.read_labels(store.labels.path, P.read_candidates(cands))
+    assert [lb.prompt for lb in got] == ["Say hi.", "2 + 2?"]
+    mine = [p for lb in got for p in P.label_pairs(lb)]
+    page = [p for r in L.read_labels(store.labels.path) for p in L.ranking_to_pairs(r)]
+    assert [(p["chosen"], p["rejected"]) for p in mine] == [(p["chosen"], p["rejected"]) for p in page] == [
+        ("Hello.", "Hi!"), ("Hello.", "Go away."), ("Hi!", "Go away."), ("Four.", "5"), ("4", "5")]
+    # a line naming neither a candidate nor carrying its own prompt and answers is still an error
+    with open(store.labels.path, "a") as f:
+        f.write(json.dumps({"prompt_id": "p-unknown", "ranking": [["x"]]}) + "\n")
+    with pytest.raises(P.LabelsError, match=r"labels.jsonl:3: unknown prompt_id 'p-unknown'"):
+        P.read_labels(store.labels.path, P.read_candidates(cands))

@@ -8,7 +8,7 @@ and any layer below it):
     1  files, checkpoint, distributed, metrics, optim, rundir, tracking files, processes, records, the optimizer
     2  tokenizer
     3  data.*, demo.*, model.*                                   text, the demo world, the networks
-    4  engine, losses                                            generation on ids, pure loss functions
+    4  engine, scheduler, losses                                 generation on ids, pure loss functions
     5  trainer, evaluate                                         the one loop; evaluation
     6  rl.*                                                      rollouts, roles, the update loop
     7  stages.*                                                  each stage's algorithm
@@ -31,7 +31,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "chatforge.tracking")),
     (2, ("chatforge.tokenizer",)),
     (3, ("chatforge.data", "chatforge.demo", "chatforge.model")),
-    (4, ("chatforge.engine", "chatforge.losses")),
+    (4, ("chatforge.engine", "chatforge.scheduler", "chatforge.losses")),
     (5, ("chatforge.trainer", "chatforge.evaluate")),
     (6, ("chatforge.rl",)),
     (7, ("chatforge.stages",)),
@@ -53,7 +53,8 @@ def layer_of(module: str) -> int | None:
     best, found = -1, None
     for layer, names in LAYERS:
         for name in names:
-            if (module == name or module.startswith(name + ".")) and len(name) > best:
+            prefix = name != "chatforge" and module.startswith(name + ".")  # the package itself is no prefix
+            if (module == name or prefix) and len(name) > best:
                 best, found = len(name), layer
     return found
 

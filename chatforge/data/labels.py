@@ -9,7 +9,9 @@
 A ranking is a list of tie groups, best first; each answer id appears at most once; answers not named are
 unranked. Every answer of a better group is preferred to every answer of a worse group, so a ranking of
 groups g_1 > g_2 > ... gives sum_{i<j} |g_i| |g_j| (chosen, rejected) pairs, all from one prompt.
-A prompt ranked again further down the file replaces its earlier ranking (the last line wins).
+A prompt ranked again further down the file replaces its earlier ranking (the last line wins). A line whose
+prompt is not among the candidates counts when it carries its own prompt and answers (the labelling page
+writes such lines for prompts a person typed or took from a prompts file).
 
 Ids are stable: a prompt's id is a hash of the prompt, an answer's a hash of its prompt id and text.
 Bad input raises :class:`LabelsError` naming the file, the line and the problem.
@@ -150,9 +152,10 @@ def read_labels(path: str | Path, candidates: Optional[dict[str, Candidate]] = N
     for n, rec in _lines(path):
         where = f"{path}:{n}"
         pid = _str_field(rec, "prompt_id", where)
-        if candidates is not None:
-            if pid not in candidates:
-                raise LabelsError(f"{where}: unknown prompt_id '{pid}' (not among the candidates)")
+        if candidates is not None and pid not in candidates and not ("prompt" in rec and "answers" in rec):
+            raise LabelsError(f"{where}: unknown prompt_id '{pid}' (not among the candidates, and the line carries no "
+                              f"prompt and answers of its own)")
+        if candidates is not None and pid in candidates:
             cand = candidates[pid]
             if "prompt" in rec and rec["prompt"] != cand.prompt:
                 raise LabelsError(f"{where}: the prompt differs from the candidate's prompt of id '{pid}'")

@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
+from chatforge.data.labels import ranking_pairs
 from chatforge.data.conversations import check_conversation, check_prompt, side
 from chatforge.data.records import DataError, PathLike, RecordProblem, read_records
 
@@ -202,23 +203,13 @@ def demonstration_key(rec: dict) -> str:
 
 
 def ranking_to_pairs(record: dict) -> list[dict]:
-    """A label record -> preference pairs ``{"prompt", "chosen", "rejected"}`` (the preference format).
-
-    Every answer of a better tie group is chosen over every answer of every worse group; answers in
-    one group, and unranked answers, give no pair. A pair of two identical texts (different ids) is
-    left out: it carries no preference. Order: by better group, worse group, then the ids' order in
-    their groups. ``prompt`` is the record's prompt as stored (a string or a message list).
-    """
+    """A label record -> preference pairs ``{"prompt", "chosen", "rejected"}`` (the preference format), expanded by
+    the pipeline's own rule (chatforge.data.labels.ranking_pairs): every answer of a better tie group is chosen
+    over every answer of every worse group; one group's answers, and unranked ones, give no pair. A pair of two
+    identical texts (different ids) is left out: it carries no preference."""
     text = {a["id"]: a["text"] for a in record["answers"]}
-    groups = record["ranking"]
-    pairs = []
-    for i, better in enumerate(groups):
-        for worse in groups[i + 1:]:
-            for c in better:
-                for r in worse:
-                    if text[c] != text[r]:
-                        pairs.append({"prompt": record["prompt"], "chosen": text[c], "rejected": text[r]})
-    return pairs
+    return [{"prompt": record["prompt"], "chosen": text[c], "rejected": text[r]}
+            for c, r in ranking_pairs(record["ranking"]) if text[c] != text[r]]
 
 
 # ----------------------------------------------------------------------------- files
