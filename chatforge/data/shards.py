@@ -179,8 +179,9 @@ class _ShardWriter:
         self.entry, self.name, self.dtype, self.cap = entry, name, np.dtype(dtype), shard_tokens
         self.shards: list[dict] = state["shards"]  # finished shards (from progress.json when resuming)
         self.total = sum(s["tokens"] for s in self.shards)  # tokens in finished shards
-        self.resume = state.get("resume", {"doc": 0, "skip": 0})  # first doc to encode, tokens of it to drop
-        self.cur = (self.resume["doc"], self.total - self.resume["skip"])  # (document, global start) being written
+        self.resume = state.get("resume", {"doc": 0, "skip": 0, "file": None})  # first doc to encode, tokens to drop
+        # (document, global start, file) of the document being written
+        self.cur = (self.resume["doc"], self.total - self.resume["skip"], self.resume["file"])
         self.on_shard = on_shard
         self._open()
 
@@ -190,7 +191,7 @@ class _ShardWriter:
         self.fh = open(self.tmp, "wb")
         self.hash = hashlib.sha256()
         self.docs = 0
-        self.sources: set[int] = set()
+        self.sources: set[int] = set() if self.cur[2] is None else {self.cur[2]}  # files with tokens here
 
     def add(self, arr: np.ndarray, starts: list[tuple[int, int, int]]) -> None:
         """Append ``arr``; ``starts``: (offset in arr, document, file) of each document starting in it."""
@@ -199,7 +200,7 @@ class _ShardWriter:
             take = min(len(arr) - a, self.cap - self.fill)
             while j < len(starts) and starts[j][0] < a + take:  # documents starting in this chunk
                 off, doc, f = starts[j]
-                self.cur = (doc, self.total + self.fill + off - a)
+                self.cur = (doc, self.total + self.fill + off - a, f)
                 self.docs += 1
                 self.sources.add(f)
                 j += 1
@@ -221,10 +222,10 @@ class _ShardWriter:
         name = f"{self.name}_{len(self.shards):05d}.bin"
         self.tmp.replace(self.entry / name)
         self.total += self.fill
-        doc, start = self.cur
+        doc, start, f = self.cur
         self.shards.append({"file": name, "tokens": self.fill, "documents": self.docs,
                             "sources": sorted(self.sources), "sha256": self.hash.hexdigest()})
-        self.resume = {"doc": doc, "skip": self.total - start}  # re-encode `doc`, drop what is written
+        self.resume = {"doc": doc, "skip": self.total - start, "file": f}  # re-encode `doc`, drop what is written
         self.on_shard()
         self._open()
 
