@@ -318,8 +318,8 @@ def _tokenize(files, hashes, n_train_files, tok, entry: Path, split, val_fractio
         bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, unit_divisor=1024, total=sum(sizes),
                    dynamic_ncols=True, smoothing=0.1)
     shown = 0
-    n_threads = os.cpu_count() or 1
-    batch_chars = batch_chars or min(32 << 20, max(4 << 20, n_threads * (2 << 20)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    batch_chars = batch_chars or min(16 << 20, max(4 << 20, cores << 20))  # ~1 MB per core, bounded
 
     def wanted(batch: list[Piece]) -> list[tuple[Piece, str]]:
         """Count every piece; keep (piece, stream) of those whose tokens are not in finished shards."""
