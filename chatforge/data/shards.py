@@ -308,7 +308,8 @@ def _tokenize(files, hashes, n_train_files, tok, entry: Path, split, val_fractio
     is_val = _val_rule(split, val_fraction, n_train_files)
     bos = tok.bos_id
     counts = {s: {"documents": 0, "bytes": 0} for s in STREAMS}
-    drop = {s: writers[s].resume["skip"] for s in STREAMS}  # tokens of the resume document already written
+    start = {s: writers[s].resume["doc"] for s in STREAMS}  # documents before these are in finished shards
+    drop = {s: writers[s].resume["skip"] for s in STREAMS}  # tokens of that document already written
     sizes = [f.stat().st_size for f in files]
     done_before = [0] + list(np.cumsum(sizes))
     bar = None
@@ -329,7 +330,7 @@ def _tokenize(files, hashes, n_train_files, tok, entry: Path, split, val_fractio
             if p.first:
                 counts[s]["documents"] += 1
             counts[s]["bytes"] += len(p.text.encode("utf-8"))
-            if p.doc >= writers[s].resume["doc"]:
+            if p.doc >= start[s]:
                 keep.append((p, s))
         return keep
 
@@ -344,7 +345,7 @@ def _tokenize(files, hashes, n_train_files, tok, entry: Path, split, val_fractio
                 if ps != s:
                     continue
                 toks = [bos, *piece_ids] if p.first else piece_ids
-                if drop[s] and p.doc == writers[s].resume["doc"]:  # resuming inside this document
+                if drop[s] and p.doc == start[s]:  # resuming inside this document
                     cut = min(drop[s], len(toks))
                     drop[s] -= cut
                     toks = toks[cut:]
