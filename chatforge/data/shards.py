@@ -404,7 +404,7 @@ def _tokenize(files, hashes, n_train_files, tok, entry: Path, split, val_fractio
     return index
 
 
-def _decoded_bytes(stream: TokenStream, tok, chunk: int = 1 << 22) -> int:
+def _decoded_bytes(stream: TokenStream, tok, chunk: int = 1 << 20) -> int:
     """UTF-8 bytes of the decoded tokens (for bits per byte), decoded in chunks of ``chunk`` tokens."""
     n = 0
     for a in range(0, len(stream), chunk):

@@ -1,7 +1,7 @@
 """Pretraining documents read as a stream, from files of any size.
 
 Formats (by file name): ``.txt`` (one continuous document, never split at blank lines, unless it holds
-``<|endoftext|>`` separators), ``.jsonl`` (one document per line in a ``text`` field), either of them
+``<|endoftext|>`` separators; a file of another name given directly is read as text too), ``.jsonl`` (one document per line in a ``text`` field), either of them
 compressed as ``.gz`` or ``.zst``, and ``.parquet`` (a ``text`` column). A path may name a file, a folder
 (every supported file inside, sorted) or a glob (``data/*.parquet``).
 
@@ -264,15 +264,13 @@ def _parquet_documents(path: Path, field: str) -> Iterator[tuple[str, int]]:
 def _file_pieces(path: Path, field: str) -> Iterator[tuple[str, bool, int]]:
     """(piece, first_of_document, on-disk bytes read) of every document of one file."""
     name = path.name[: -len(path.suffix)] if _compression(path) else path.name
-    if name.endswith(".txt"):
-        yield from _txt_pieces(path)
-        return
     if name.endswith(".parquet"):
         docs = _parquet_documents(path, field)
     elif name.endswith(".jsonl"):
         docs = _jsonl_documents(path, field)
-    else:
-        raise DataError(str(path), None, f"unknown file type; expected one of {', '.join(SUFFIXES)}")
+    else:  # .txt, and any other file named directly, is text
+        yield from _txt_pieces(path)
+        return
     for doc, at in docs:
         for j, p in enumerate(cut_pieces(doc)):
             yield p, j == 0, at
