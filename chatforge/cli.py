@@ -41,10 +41,10 @@ USER_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Pe
 
 
 def _tokenizer(args: argparse.Namespace, rest: list[str]) -> int:
-    from chatforge.data.pretrain import corpus_files, iter_documents
+    from chatforge.data.sources import corpus_files, tokenizer_sample
     from chatforge.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(iter_documents(corpus_files(args.data)), args.vocab_size)
+    tok = train_tokenizer(tokenizer_sample(corpus_files(args.data), args.sample_chars), args.vocab_size)
     tok.save(args.out)
     print(f"tokenizer: {tok.vocab_size} tokens written to {args.out}")
     return 0
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     t.add_argument("--data", nargs="+", required=True, help="text files or folders")
     t.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size; 0 = bytes only")
+    t.add_argument("--sample-chars", type=int, default=200_000_000,
+                   help="learn the merges from a bounded, repeatable sample of this many characters of the corpus")
     t.add_argument("--out", required=True)
     t.set_defaults(fn=_tokenizer)
     p.subparsers["tokenizer"] = t

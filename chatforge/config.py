@@ -60,6 +60,9 @@ class TokenizerConfig:
     """A tokenizer directory (or model directory). None = train one from the pretraining corpus."""
     vocab_size: int = 2048
     """BPE vocabulary size including the 256 bytes and special tokens; 0 = bytes only."""
+    sample_chars: int = 200_000_000
+    """The BPE is trained on a deterministic sample of the corpus of about this many characters
+    (each file's first documents, in proportion to its size); a smaller corpus is used whole."""
 
 
 @dataclass
@@ -80,6 +83,17 @@ class DataConfig:
     """Seed of the train/val split of record-based data."""
     strict: bool = True
     """Bad records are errors (True) or counted, reported skips (False; e.g. the real HH-RLHF file has 9 flawed pairs)."""
+    val_split: str = "documents"
+    """Pretraining validation rule: 'documents' (an evenly spread share val_fraction of whole documents; the
+    tail rule when no document falls into it, e.g. one long text) or 'tail' (the last val_fraction of the
+    token stream, as nanoGPT splits Tiny Shakespeare). Ignored when val_path is set."""
+    mixture: list[Any] = field(default_factory=list)
+    """Pretraining corpora sampled by weight instead of data.path: [{path: FILE_OR_FOLDER_OR_LIST, weight: 1.0,
+    name: optional}, ...]; the realised tokens per source are logged as tokens/<name>."""
+    cache_dir: Optional[str] = None
+    """Shared token cache folder (None = $CHATFORGE_CACHE/tokens, else ~/.cache/chatforge/tokens)."""
+    shard_tokens: int = 100_000_000
+    """Tokens per cache shard file (part of the cache key)."""
 
 
 @dataclass

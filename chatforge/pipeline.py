@@ -87,11 +87,22 @@ def pipeline_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if o.split(".", 1)[0] in PIPELINE_SECTIONS]
 
 
+# Config fields added after run directories existed, each with the value that gives the behaviour from before it
+# existed: at that value a field is left out of the fingerprint, so adding a field does not rerun finished stages.
+SINCE_ADDED = {("data", "val_split"): "tail", ("data", "mixture"): []}
+# Fields that cannot change a stage's result (where caches live, how a corpus is cut into shards; the pipeline
+# trains the tokenizer in its own step, so the pretrain stage's sample size is never used).
+VOLATILE |= {("data", "cache_dir"), ("data", "shard_tokens"), ("tokenizer", "sample_chars")}
+
+
 def config_fingerprint(cfg: Config) -> dict:
     """The config as a stage's input: paths (covered by data/model digests) and display flags removed."""
     d = to_dict(cfg)
     for section, key in VOLATILE:
         d.get(section, {}).pop(key, None)
+    for (section, key), before in SINCE_ADDED.items():
+        if d.get(section, {}).get(key, before) == before:
+            d.get(section, {}).pop(key, None)
     d.pop("demo", None)  # (older configs carried the demo section; the demo's data is fingerprinted by its files)
     return d
 
@@ -315,7 +326,8 @@ class Pipeline:
 
     def step_tokenizer(self) -> StepResult:
         """Train the BPE tokenizer on the pretraining text into tokenizer/."""
-        from chatforge.data.pretrain import corpus_files, iter_documents
+        from chatforge.config import TokenizerConfig
+        from chatforge.data.sources import corpus_files, tokenizer_sample
         from chatforge.tokenizer import train_tokenizer
 
         cfg = self.stage_config("pretrain")
@@ -324,14 +336,17 @@ class Pipeline:
         else:
             paths = cfg.data.path
             corpus = {"corpus": data_digest(paths)}
-        fp = digest({"corpus": corpus, "vocab_size": cfg.tokenizer.vocab_size})
+        spec = {"corpus": corpus, "vocab_size": cfg.tokenizer.vocab_size}
+        if cfg.tokenizer.sample_chars != TokenizerConfig.sample_chars:  # (the default's runs keep their fingerprint)
+            spec["sample_chars"] = cfg.tokenizer.sample_chars
+        fp = digest(spec)
         d = self.path("tokenizer")
         rec = d / PIPELINE_FILE
         if "tokenizer" not in self.force and rec.is_file() and json.loads(rec.read_text()).get("fingerprint") == fp \
                 and (d / "tokenizer.json").is_file():
             return StepResult("skipped")
         shutil.rmtree(d, ignore_errors=True)
-        tok = train_tokenizer(iter_documents(corpus_files(paths)), cfg.tokenizer.vocab_size)
+        tok = train_tokenizer(tokenizer_sample(corpus_files(paths), cfg.tokenizer.sample_chars), cfg.tokenizer.vocab_size)
         tok.save(d, model_max_length=cfg.model.block_size)
         atomic_write_json(rec, {"fingerprint": fp, "vocab_size": tok.vocab_size, "tokenizer_sha256": file_digest(d / "tokenizer.json")})
         return StepResult("ran", detail={"vocab_size": tok.vocab_size})

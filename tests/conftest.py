@@ -8,6 +8,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Micro models run fastest on one thread per process (and torchrun children share 2 cores).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "CHATFORGE_CACHE" not in os.environ:  # the token cache of this test session (never the user's ~/.cache)
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["CHATFORGE_CACHE"] = tempfile.mkdtemp(prefix="chatforge-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CHATFORGE_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

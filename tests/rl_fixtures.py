@@ -47,6 +47,7 @@ def micro_world(root: str) -> dict:
     common = ["train.threads=1", "train.eval_every=0", "train.ckpt_every=0", "train.progress=false"]
     with one_thread():
         pretrain.run(load_config("pretrain", MICRO, [f"data.path=[{paths['corpus']}]", "train.max_steps=60",
+                                                     "data.val_split=tail",  # the token stream these RL tests were tuned on
                                                      *common]), root / "base")
         policy = root / "base"
         try:

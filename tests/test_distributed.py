@@ -93,7 +93,8 @@ def world(tmp_path_factory) -> dict:
 def pretrain_overrides(world: dict, accum: int, steps: int, *extra: str) -> list[str]:
     # decay_steps fixed: the LR schedule must not depend on where a run stops
     return [f"data.path=[{world['corpus']}]", f"tokenizer.path={world['tokenizer']}", f"train.grad_accum={accum}",
-            f"train.max_steps={steps}", f"optim.decay_steps={STEPS}", "train.ckpt_every=5", *COMMON, *extra]
+            f"train.max_steps={steps}", f"optim.decay_steps={STEPS}", "train.ckpt_every=5",
+            "data.shard_tokens=4096", *COMMON, *extra]  # small shards: batches and resumes read across shards
 
 
 def finetune_overrides(stage: str, world: dict, base: Path, accum: int) -> list[str]:

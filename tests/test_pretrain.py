@@ -123,16 +123,22 @@ def test_txt_is_one_document_unless_separated(tmp_path):
 
 
 def test_token_cache_is_reused_and_invalidated(corpus, micro_run, tmp_path):
+    """One content-addressed entry per (contents, tokenizer, split): reused from another path, rebuilt when
+    the split changes."""
     from chatforge.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.load(micro_run)
     d1 = build_token_data([str(corpus)], tok, tmp_path / "tok", 0.1, progress=False)
-    mtime = (tmp_path / "tok" / "train.bin").stat().st_mtime_ns
-    d2 = build_token_data([str(corpus)], tok, tmp_path / "tok", 0.1, progress=False)
-    assert (tmp_path / "tok" / "train.bin").stat().st_mtime_ns == mtime
-    assert d1.meta == d2.meta and d1.train[0] == tok.bos_id
+    shard = Path(d1.meta["dir"]) / d1.meta["streams"]["train"]["shards"][0]["file"]
+    mtime = shard.stat().st_mtime_ns
+    moved = tmp_path / "elsewhere" / "copy.txt"
+    moved.parent.mkdir()
+    moved.write_bytes(corpus.read_bytes())
+    d2 = build_token_data([str(moved)], tok, tmp_path / "tok", 0.1, progress=False)
+    assert shard.stat().st_mtime_ns == mtime and d2.meta["dir"] == d1.meta["dir"]
+    assert d1.meta["train_tokens"] == d2.meta["train_tokens"] and d1.train[0:1][0] == tok.bos_id
     d3 = build_token_data([str(corpus)], tok, tmp_path / "tok", 0.2, progress=False)
-    assert d3.meta["val_tokens"] > d1.meta["val_tokens"]
+    assert d3.meta["dir"] != d1.meta["dir"] and d3.meta["val_tokens"] > d1.meta["val_tokens"]
 
 
 @pytest.mark.parametrize(

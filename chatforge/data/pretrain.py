@@ -1,22 +1,19 @@
-"""Pretraining text -> memory-mapped token shards -> batches.
+"""Pretraining text -> token shards in the shared cache -> batches.
 
-Documents: a ``.txt`` file is one continuous document (never split at blank lines) unless it
-holds ``<|endoftext|>`` separators; a ``.jsonl`` file holds one document per line in a ``text``
-field. Every document is encoded as ``<|endoftext|> + tokens`` into one stream, whose last
-``val_fraction`` becomes the validation split (as nanoGPT splits Tiny Shakespeare). The
-streams are written once as ``train.bin``/``val.bin`` (uint16 or uint32) beside a
-``meta.json`` holding the fingerprint of the files, tokenizer and split; they are reused
-while that fingerprint is unchanged.
+Documents are read as a stream (sources.py: .txt, .jsonl, .gz/.zst, parquet, folders, globs) and
+tokenized once into the shared, content-addressed token cache (shards.py), each as
+``<|endoftext|> + tokens``. The validation split is per document (``data.val_split='documents'``), a
+separate ``data.val_path``, or the tail of the stream (``'tail'``, nanoGPT's Tiny Shakespeare rule).
 
 Batches are drawn for the whole world and then sliced by rank, so a run on N processes sees
 the same global batch as a run on one process with N times the accumulation. The loader's
-position (a generator state or a cursor) is saved in checkpoints.
+position (a generator state or a cursor) is saved in checkpoints; it reads across shards as if
+they were one array. Several corpora can be mixed by weight (``data.mixture``, MixtureLoader).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,167 +21,118 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from chatforge.checkpoint import atomic_write_json
 from chatforge.data.records import DataError
-
-EOT = "<|endoftext|>"
-TEXT_SUFFIXES = (".txt", ".jsonl")
-CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces cut after a newline
-
-
-def corpus_files(paths: list[str]) -> list[Path]:
-    """Files named directly, plus .txt/.jsonl files inside named folders (sorted)."""
-    if not paths:
-        raise DataError("<config>", 0, "no pretraining data given; pass --data.path=FILE_OR_FOLDER")
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
-            if not found:
-                raise DataError(str(p), 0, "folder holds no .txt or .jsonl files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(str(p), 0, "no such file or folder")
-    return files
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(str(path), line, f"not valid UTF-8 (byte offset {e.start}); convert the file to UTF-8") from None
-
-
-def iter_documents(files: list[Path]) -> Iterator[str]:
-    """Yield the documents of the corpus in order."""
-    for path in files:
-        if path.suffix == ".jsonl":
-            text = _read_text(path)
-            for i, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(str(path), i, f"invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise DataError(str(path), i, "record has no string field 'text'")
-                if rec["text"]:
-                    yield rec["text"]
-        else:
-            text = _read_text(path)
-            for doc in text.split(EOT) if EOT in text else [text]:
-                if doc.strip():
-                    yield doc
-
-
-def _pieces(doc: str) -> Iterator[str]:
-    """Cut a long document after newlines into pieces of about CHUNK_CHARS."""
-    start = 0
-    while start < len(doc):
-        end = start + CHUNK_CHARS
-        if end < len(doc):
-            nl = doc.rfind("\n", start, end)
-            end = nl + 1 if nl > start else end
-        yield doc[start:end]
-        start = end
-
-
-def fingerprint_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.resolve()).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+from chatforge.data.shards import DEFAULT_SHARD_TOKENS, build_shards, cache_root, open_streams
+from chatforge.data.sources import EOT, corpus_files, iter_documents, tokenizer_sample  # noqa: F401 (re-exported)
 
 
 @dataclass
 class TokenData:
-    """Memory-mapped token streams of a corpus."""
+    """Token streams of a corpus (memory-mapped shards, read as one array each)."""
 
-    train: np.ndarray
-    """Training tokens, uint16/uint32 memmap."""
-    val: np.ndarray
+    train: "np.ndarray"
+    """Training tokens: a TokenStream (len() and slices) or an array."""
+    val: "np.ndarray"
     """Validation tokens."""
     meta: dict
-    """Counts, bytes and fingerprints (written to meta.json)."""
+    """Counts, bytes and fingerprints (the cache entry's index, plus 'dir')."""
 
     @property
     def val_bytes_per_token(self) -> float:
         return self.meta["val_bytes"] / max(1, self.meta["val_tokens"])
 
 
-def build_token_data(paths: list[str], tok, cache_dir: Path, val_fraction: float, progress: bool = True) -> TokenData:
-    """Tokenize a corpus once into ``cache_dir`` (reused while files, tokenizer and split are unchanged)."""
+def build_token_data(paths: list[str], tok, cache_dir: Path, val_fraction: float, progress: bool = True, *,
+                     split: str = "documents", val_paths: Optional[list[str]] = None,
+                     shard_tokens: int = DEFAULT_SHARD_TOKENS) -> TokenData:
+    """Tokenize a corpus once into the token cache ``cache_dir`` (reused while files, tokenizer and
+    split are unchanged, by every run that names the same cache)."""
     files = corpus_files(paths)
-    cache_dir = Path(cache_dir)
-    fp = hashlib.sha256(f"{fingerprint_files(files)}|{tok.fingerprint()}|{val_fraction}".encode()).hexdigest()[:16]
-    meta_path = cache_dir / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fp:
-            return _open(cache_dir, meta)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    chunks: list[np.ndarray] = []
-    n_docs = 0
-    n_bytes = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, total=sum(f.stat().st_size for f in files))
-    for doc in iter_documents(files):
-        n_docs += 1
-        ids = [tok.bos_id]
-        for piece in _pieces(doc):
-            ids += tok.encode(piece)
-        chunks.append(np.asarray(ids, dtype=dtype))
-        b = len(doc.encode("utf-8"))
-        n_bytes += b
-        if bar is not None:
-            bar.update(b)
-    if bar is not None:
-        bar.close()
-    if n_docs == 0:
-        raise DataError(str(files[0]), 0, "the corpus is empty (no non-blank documents)")
-    stream = np.concatenate(chunks)
-    n_val = int(len(stream) * val_fraction)
-    train, val = stream[: len(stream) - n_val], stream[len(stream) - n_val :]
-    val_bytes = len(tok.decode(val.tolist()).encode("utf-8")) if n_val else 0
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for name, arr in (("train", train), ("val", val)):
-        tmp = cache_dir / f".{name}.bin.tmp"
-        arr.tofile(tmp)
-        tmp.replace(cache_dir / f"{name}.bin")
-    meta = {
-        "fingerprint": fp,
-        "files": [str(f) for f in files],
-        "files_fingerprint": fingerprint_files(files),
-        "tokenizer_fingerprint": tok.fingerprint(),
-        "dtype": np.dtype(dtype).name,
-        "documents": n_docs,
-        "bytes": n_bytes,
-        "train_tokens": int(len(train)),
-        "val_tokens": int(len(val)),
-        "val_bytes": val_bytes,
-    }
-    atomic_write_json(meta_path, meta)
-    return _open(cache_dir, meta)
+    val_files = corpus_files(val_paths) if val_paths else None
+    entry, index = build_shards(files, tok, cache=Path(cache_dir), split=split, val_fraction=val_fraction,
+                                val_files=val_files, shard_tokens=shard_tokens, progress=progress)
+    train, val = open_streams(entry, index)
+    h = hashlib.sha256("|".join(f["sha256"] for f in index["files"]).encode()).hexdigest()[:16]
+    meta = {**index, "dir": str(entry), "files": [str(f) for f in files + (val_files or [])],  # this run's paths
+            "files_fingerprint": h}
+    return TokenData(train, val, meta)
 
 
-def _open(cache_dir: Path, meta: dict) -> TokenData:
-    dtype = np.dtype(meta["dtype"])
+def data_from_config(dc, tok, progress: bool = True) -> list[tuple[str, TokenData, float]]:
+    """(name, token data, weight) of every corpus of a DataConfig: ``data.mixture`` or ``data.path``."""
+    common = dict(split=dc.val_split, shard_tokens=dc.shard_tokens)
+    root = cache_root(dc.cache_dir)
+    if not dc.mixture:
+        return [("corpus", build_token_data(dc.path, tok, root, dc.val_fraction, progress,
+                                            val_paths=dc.val_path or None, **common), 1.0)]
+    out = []
+    for i, src in enumerate(dc.mixture):
+        if not hasattr(src, "get") or src.get("path") is None:
+            raise DataError("<config>", None, f"data.mixture[{i}]: expected {{path: ..., weight: ...}}, got {src!r}")
+        paths = src["path"] if not isinstance(src["path"], str) else [src["path"]]
+        weight = float(src.get("weight", 1.0))
+        if not weight > 0:
+            raise DataError("<config>", None, f"data.mixture[{i}]: weight must be > 0, got {weight}")
+        name = str(src.get("name") or Path(str(list(paths)[0]).rstrip("/")).stem.split(".")[0])
+        if name in [n for n, _, _ in out]:
+            name = f"{name}{i}"
+        out.append((name, build_token_data(list(paths), tok, root, dc.val_fraction, progress, **common), weight))
+    return out
 
-    def mm(name: str, n: int) -> np.ndarray:
-        return np.memmap(cache_dir / f"{name}.bin", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
 
-    return TokenData(mm("train", meta["train_tokens"]), mm("val", meta["val_tokens"]), meta)
+def corpus_paths(dc) -> list[str]:
+    """Every pretraining path of a DataConfig (data.path, or all of data.mixture's): the tokenizer's corpus."""
+    if not dc.mixture:
+        return list(dc.path)
+    return [p for src in dc.mixture for p in ([src["path"]] if isinstance(src.get("path"), str) else list(src.get("path") or []))]
+
+
+class Concat:
+    """Several token streams read as one (len() and contiguous slices)."""
+
+    def __init__(self, parts: list):
+        self.parts = [p for p in parts if len(p)]
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.parts], dtype=np.int64)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key) -> np.ndarray:
+        a, b, _ = key.indices(len(self))
+        out = []
+        for i, p in enumerate(self.parts):
+            lo, hi = max(a, int(self.offsets[i])), min(b, int(self.offsets[i + 1]))
+            if lo < hi:
+                out.append(np.asarray(p[lo - int(self.offsets[i]) : hi - int(self.offsets[i])]))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[0 : len(self)]
+        return arr if dtype is None else arr.astype(dtype)
+
+
+def combine(sources: list[tuple[str, TokenData, float]]) -> TokenData:
+    """One TokenData for the stage: the single corpus, or the mixture's validation streams together."""
+    if len(sources) == 1:
+        return sources[0][1]
+    metas = [d.meta for _, d, _ in sources]
+    meta = {"files": [f for m in metas for f in m["files"]],
+            "files_fingerprint": hashlib.sha256("|".join(m["files_fingerprint"] for m in metas).encode()).hexdigest()[:16],
+            **{k: sum(m[k] for m in metas) for k in ("train_tokens", "val_tokens", "val_bytes", "documents", "bytes")},
+            "sources": {n: {"dir": d.meta["dir"], "weight": w, "train_tokens": d.meta["train_tokens"]} for n, d, w in sources}}
+    return TokenData(Concat([d.train for _, d, _ in sources]), Concat([d.val for _, d, _ in sources]), meta)
+
+
+def make_loader(sources: list[tuple[str, TokenData, float]], block_size: int, batch_size: int, *,
+                sampling: str = "random", seed: int = 0, rank: int = 0, world_size: int = 1, source: str = "corpus"):
+    """A TokenLoader over the one corpus, or a MixtureLoader over several."""
+    if len(sources) == 1:
+        return TokenLoader(sources[0][1].train, block_size, batch_size, sampling=sampling, seed=seed, rank=rank,
+                           world_size=world_size, source=source)
+    if sampling != "random":
+        raise DataError("<config>", None, "data.mixture samples random windows; use data.sampling=random")
+    return MixtureLoader([(n, d.train, w) for n, d, w in sources], block_size, batch_size, seed=seed, rank=rank,
+                         world_size=world_size)
 
 
 class TokenLoader:
@@ -224,12 +172,62 @@ class TokenLoader:
             out.append((w[:, :-1], w[:, 1:]))
         return out
 
+    def metrics(self) -> dict:
+        return {}
+
     def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state(), "cursor": self.cursor}
+        s = {"gen": self.gen.get_state(), "cursor": self.cursor}
+        if hasattr(self.tokens, "locate") and len(self.tokens):
+            s["shard"], s["offset"] = self.tokens.locate(self.cursor)  # where the cursor is, for people
+        return s
 
     def load_state_dict(self, s: dict) -> None:
         self.gen.set_state(s["gen"])
         self.cursor = s["cursor"]
+
+
+class MixtureLoader:
+    """Batches from several corpora: each window's source is drawn with probability proportional to its
+    weight, then a uniform start inside that source (one generator, so every rank draws the same global
+    batch). ``metrics()``: the realised training tokens per source so far (``tokens/<name>``)."""
+
+    def __init__(self, sources: list[tuple[str, "np.ndarray", float]], block_size: int, batch_size: int, *,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        for name, tokens, _ in sources:
+            if len(tokens) < block_size + 1:
+                raise DataError(name, None, f"the training split has {len(tokens)} tokens, fewer than one context "
+                                            f"of {block_size + 1}; add text or lower --model.block_size")
+        self.names = [n for n, _, _ in sources]
+        self.streams = [t for _, t, _ in sources]
+        self.weights = torch.tensor([float(w) for _, _, w in sources], dtype=torch.float64)
+        self.T, self.B, self.rank, self.world = block_size, batch_size, rank, world_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.counts = [0] * len(sources)
+
+    def next(self, n_micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        total = n_micro * self.world * self.B
+        src = torch.multinomial(self.weights, total, replacement=True, generator=self.gen).tolist()  # (total,)
+        u = torch.rand(total, generator=self.gen, dtype=torch.float64).tolist()  # (total,) start within source
+        picks = [(s, int(x * (len(self.streams[s]) - self.T))) for s, x in zip(src, u)]
+        for s in src:
+            self.counts[s] += self.T
+        out = []
+        for m in range(n_micro):
+            lo = (m * self.world + self.rank) * self.B
+            w = torch.from_numpy(np.stack([np.asarray(self.streams[s][a : a + self.T + 1], dtype=np.int64)
+                                           for s, a in picks[lo : lo + self.B]]))  # (B, T+1)
+            out.append((w[:, :-1], w[:, 1:]))
+        return out
+
+    def metrics(self) -> dict:
+        return {f"tokens/{n}": c for n, c in zip(self.names, self.counts)}
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "counts": list(self.counts)}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.gen.set_state(s["gen"])
+        self.counts = list(s["counts"])
 
 
 def val_windows(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int = 0,

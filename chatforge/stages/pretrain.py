@@ -16,7 +16,8 @@ import torch
 from chatforge import distributed as D
 from chatforge import losses
 from chatforge.config import Config, ModelConfig, ResolvedRun
-from chatforge.data.pretrain import TokenLoader, build_token_data, corpus_files, iter_documents, val_windows
+from chatforge.data.pretrain import combine, corpus_paths, data_from_config, make_loader, val_windows
+from chatforge.data.sources import corpus_files, tokenizer_sample
 from chatforge.evaluate import token_nll
 from chatforge.model.gpt import GPT
 from chatforge.model.load import load_causal_lm, load_tokenizer
@@ -24,26 +25,15 @@ from chatforge.stages.common import finish, stage_entry, start
 from chatforge.tokenizer import ChatTokenizer, train_tokenizer
 from chatforge.trainer import Trainer
 
-TOKENIZER_SAMPLE_BYTES = 200 << 20  # BPE merges are learnt from at most this much of the corpus
-
 
 def tokenizer_for(cfg: Config, out: Path, info: D.DistInfo) -> ChatTokenizer:
     """The tokenizer named by the config, the starting model's, or a new one trained on the corpus (rank 0)."""
     src = cfg.tokenizer.path or cfg.model.init
     if src:
         return load_tokenizer(src, trust_remote_code=cfg.model.trust_remote_code)  # chat tokens added if missing
-    if info.is_main:
-        files = corpus_files(cfg.data.path)
-
-        def sample():
-            seen = 0
-            for doc in iter_documents(files):
-                yield doc
-                seen += len(doc)
-                if seen > TOKENIZER_SAMPLE_BYTES:
-                    return
-
-        train_tokenizer(sample(), cfg.tokenizer.vocab_size).save(out)
+    if info.is_main:  # BPE merges are learnt from a bounded sample of the corpus
+        files = corpus_files(corpus_paths(cfg.data))
+        train_tokenizer(tokenizer_sample(files, cfg.tokenizer.sample_chars), cfg.tokenizer.vocab_size).save(out)
     D.barrier()
     return ChatTokenizer.load(out)
 
@@ -64,15 +54,14 @@ def run(cfg: Config, out: str | Path) -> dict:
     t_start = time.time()
     out, info = start(cfg, out)
     tok = tokenizer_for(cfg, out, info)
-    data = build_token_data(cfg.data.path, tok, out / "tokens", cfg.data.val_fraction,
-                            progress=info.is_main and cfg.train.progress) if info.is_main else None
-    D.barrier()
-    if data is None:
-        data = build_token_data(cfg.data.path, tok, out / "tokens", cfg.data.val_fraction, progress=False)
+    sources = data_from_config(cfg.data, tok, progress=cfg.train.progress) if info.is_main else None
+    D.barrier()  # rank 0 tokenized into the shared cache; the others open it
+    sources = sources or data_from_config(cfg.data, tok, progress=False)
+    data = combine(sources)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model, mcfg = build_model(cfg, tok.vocab_size, info.device)
     T, B, A, W = mcfg.block_size, cfg.train.batch_size, cfg.train.grad_accum, info.world_size
-    loader = TokenLoader(data.train, T, B, sampling=cfg.data.sampling, seed=cfg.train.seed,
+    loader = make_loader(sources, T, B, sampling=cfg.data.sampling, seed=cfg.train.seed,
                          rank=info.rank, world_size=W, source=", ".join(cfg.data.path))
     if info.is_main:
         print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
@@ -90,7 +79,7 @@ def run(cfg: Config, out: str | Path) -> dict:
 
     def step_fn(step: int) -> dict:
         res = trainer.accumulate(loader.next(A), micro_step)
-        return {"loss": res.pop("loss"), "tokens": res.pop("count"), **res}
+        return {"loss": res.pop("loss"), "tokens": res.pop("count"), **res, **loader.metrics()}
 
     def eval_fn(step: int) -> dict:
         total, n = token_nll(plain, val_windows(data.val, T, B, cfg.train.eval_batches, info.rank, W), info.device,
@@ -103,4 +92,5 @@ def run(cfg: Config, out: str | Path) -> dict:
     return finish(trainer, "model", cfg, tok, result, t_start=t_start, resolved=ResolvedRun(mcfg), data={
         "files": data.meta["files"], "fingerprint": data.meta["files_fingerprint"],
         "tokenizer_fingerprint": tok.fingerprint(), "train_tokens": data.meta["train_tokens"],
-        "val_tokens": data.meta["val_tokens"]}, shown=("train_loss", "eval_val_loss", "eval_val_bpb"))
+        "val_tokens": data.meta["val_tokens"], "token_cache": data.meta.get("dir"), **loader.metrics()},
+        shown=("train_loss", "eval_val_loss", "eval_val_bpb"))
