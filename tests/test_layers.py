@@ -8,7 +8,8 @@ and any layer below it):
     1  files, checkpoint, distributed, metrics, optim, rundir, tracking files, processes, records, the optimizer
     2  tokenizer
     3  data.*, demo.*, model.*                                   text, the demo world, the networks
-    4  engine, scheduler, losses                                 generation on ids, pure loss functions
+    4  engine, scheduler, slot_cache, row_sampling,              generation on ids, pure loss functions
+       generation_request, losses
     5  trainer, evaluate                                         the one loop; evaluation
     6  rl.*                                                      rollouts, roles, the update loop
     7  stages.*                                                  each stage's algorithm
@@ -31,7 +32,8 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "chatforge.tracking")),
     (2, ("chatforge.tokenizer",)),
     (3, ("chatforge.data", "chatforge.demo", "chatforge.model")),
-    (4, ("chatforge.engine", "chatforge.scheduler", "chatforge.losses")),
+    (4, ("chatforge.engine", "chatforge.scheduler", "chatforge.slot_cache", "chatforge.row_sampling",
+         "chatforge.generation_request", "chatforge.losses")),
     (5, ("chatforge.trainer", "chatforge.evaluate")),
     (6, ("chatforge.rl",)),
     (7, ("chatforge.stages",)),

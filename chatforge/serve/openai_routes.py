@@ -20,7 +20,8 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from chatforge.scheduler import Request, prompt_logprobs
+from chatforge.generation_request import Request
+from chatforge.row_sampling import prompt_logprobs
 from chatforge.serve.context import ServedModel, ServeContext, ServeError
 from chatforge.serve.generation import Piece, TokenInfo, answer_pieces, merge, token_bytes, token_text
 from chatforge.serve.params import (Logprobs, read_bool, read_chat_logprobs, read_completion_logprobs,
