@@ -75,6 +75,46 @@ def demo_wire(pipe, stage: str) -> tuple[Config, dict]:
     return cfg, inputs
 
 
+def noisy_judged_pairs(prompts: list[str], answer_sets: list[list[str]], rng: random.Random,
+                       noise: float) -> tuple[list[dict], dict]:
+    """Every two answers of each prompt, labelled by the gold judge with label noise ``noise`` (empty answers and
+    ties dropped) -> (pairs with source "sft_sample", counts of ties, empties and pairs)."""
+    from chatforge.demo.preferences import label_pairs
+
+    pairs, stats = [], {"sampled_ties": 0, "sampled_empty": 0}
+    for p, answers in zip(prompts, answer_sets):
+        for a, b in itertools.combinations(answers, 2):  # every two of the k answers make a pair
+            if not a.strip() or not b.strip():
+                stats["sampled_empty"] += 1
+                continue
+            lab = label_pairs(p, a, b, rng, noise)
+            if lab is None:
+                stats["sampled_ties"] += 1
+                continue
+            pairs.append({"prompt": p, "chosen": lab[0], "rejected": lab[1], "source": "sft_sample"})
+    stats["sampled_pairs"] = len(pairs)
+    return pairs, stats
+
+
+def gold_labelled_pairs(prompts: list[str], answer_sets: list[list[str]]) -> list[dict]:
+    """Every two answers of each prompt, labelled by the gold judge without noise (empty answers and ties
+    dropped), with the gold gap and the kind of difference (the held-out pairs, built as the training pairs are)."""
+    from chatforge.demo.judge import difference_kind, gold_score
+
+    pairs = []
+    for p, answers in zip(prompts, answer_sets):
+        for a, b in itertools.combinations(answers, 2):
+            if not a.strip() or not b.strip():
+                continue
+            sa, sb = gold_score(p, a), gold_score(p, b)
+            if abs(sa - sb) < 1e-9:
+                continue
+            c, r = (a, b) if sa > sb else (b, a)
+            pairs.append({"prompt": p, "chosen": c, "rejected": r, "gold_gap": abs(sa - sb),
+                          "kind": difference_kind(p, c, r)})
+    return pairs
+
+
 def demo_pairs(pipe) -> StepResult:
     """RM preference pairs: responses sampled from the SFT model, labelled by the gold judge.
 
@@ -83,8 +123,7 @@ def demo_pairs(pipe) -> StepResult:
     heldout.jsonl: the same construction on the held-out evaluation prompts, with noise-free gold labels
     (at most ``demo.n_heldout_pairs``, in random order).
     """
-    from chatforge.demo.judge import JUDGE_VERSION, difference_kind, gold_score
-    from chatforge.demo.preferences import label_pairs
+    from chatforge.demo.judge import JUDGE_VERSION
     from chatforge.demo.tasks import rl_prompts
     from chatforge.evaluate import generate
     from chatforge.model.load import load_causal_lm
@@ -110,37 +149,16 @@ def demo_pairs(pipe) -> StepResult:
         return [ans.texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     rng = random.Random(f"chatforge-pipeline-pairs-{dm.seed}")
-    train, stats = [], {"sampled_ties": 0, "sampled_empty": 0}
     prompts = rl_prompts(dm.seed + 7919, dm.n_sampled_pair_prompts) if dm.n_sampled_pair_prompts else []
     k = dm.samples_per_pair_prompt
-    for p, answers in zip(prompts, sample_k(prompts, dm.seed + 1, k=k)):
-        for a, b in itertools.combinations(answers, 2):  # every two of the k answers make a pair
-            if not a.strip() or not b.strip():
-                stats["sampled_empty"] += 1
-                continue
-            lab = label_pairs(p, a, b, rng, dm.label_noise)
-            if lab is None:
-                stats["sampled_ties"] += 1
-                continue
-            train.append({"prompt": p, "chosen": lab[0], "rejected": lab[1], "source": "sft_sample"})
-    stats["sampled_pairs"] = len(train)
+    train, stats = noisy_judged_pairs(prompts, sample_k(prompts, dm.seed + 1, k=k), rng, dm.label_noise)
     variants = [json.loads(line) for line in pipe.data_file("preferences").read_text().splitlines() if line.strip()]
     train += [{**v, "source": "variant"} for v in variants]
     stats["variant_pairs"] = len(variants)
     rng.shuffle(train)
 
-    heldout = []  # built as the training pairs are (every two of k answers), labelled without noise
     eval_p = pipe.eval_prompts()
-    for p, answers in zip(eval_p, sample_k(eval_p, dm.seed + 2, k=k)):
-        for a, b in itertools.combinations(answers, 2):
-            if not a.strip() or not b.strip():
-                continue
-            sa, sb = gold_score(p, a), gold_score(p, b)
-            if abs(sa - sb) < 1e-9:
-                continue
-            c, r = (a, b) if sa > sb else (b, a)
-            heldout.append({"prompt": p, "chosen": c, "rejected": r, "gold_gap": abs(sa - sb),
-                            "kind": difference_kind(p, c, r)})
+    heldout = gold_labelled_pairs(eval_p, sample_k(eval_p, dm.seed + 2, k=k))
     random.Random(f"chatforge-heldout-pairs-{dm.seed}").shuffle(heldout)
     heldout = heldout[:dm.n_heldout_pairs]  # a random subset when capped
     stats["heldout_pairs"] = len(heldout)

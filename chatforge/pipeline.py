@@ -25,86 +25,29 @@ wiped and rerun. ``force`` reruns the named steps and everything downstream of t
 One YAML holds every stage: shared sections at the top, ``stages.<stage>`` per stage, and the pipeline's own
 ``recipe`` and ``demo`` sections. Overrides apply to every stage, or to one when written
 ``stages.<stage>.<section>.<key>=value``; ``recipe.*`` and ``demo.*`` overrides go to the pipeline.
+
+This file holds the :class:`Pipeline` that runs the steps; the step graph lives in chatforge/pipeline_graph.py, the
+overrides and config fingerprints in chatforge/pipeline_config.py, the recipe's plan and its checks in
+chatforge/recipe_plan.py, and the data and wiring steps of a files recipe in chatforge/recipe_steps.py.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
-from chatforge.checkpoint import atomic_write_json, atomic_write_text
-from chatforge.config import STAGES as CONFIG_STAGES
-from chatforge.config import (PIPELINE_SECTIONS, Config, ConfigError, DemoConfig, PipelineConfig, load_config,
-                              load_pipeline_config, to_dict)
+from chatforge.checkpoint import atomic_write_json
+from chatforge.config import Config, ConfigError, DemoConfig, PipelineConfig, load_config, load_pipeline_config, to_dict
+from chatforge.pipeline_config import config_fingerprint, pipeline_overrides, split_overrides
+from chatforge.pipeline_graph import ALIASES, STEPS, TRAIN_STAGES, downstream
+from chatforge.recipe_plan import recipe_plan
+from chatforge.recipe_steps import recipe_data, wire_files
 from chatforge.rundir import file_digest, model_digest, read_run_info, update_run_info
 from chatforge.steps import (DIRS, EXIT_WAITING, PIPELINE_FILE, StepResult, WaitingForLabels,  # noqa: F401
-                             data_digest, digest, path_digest)
-
-TRAIN_STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
-STEPS = ("data", "tokenizer", "pretrain", "sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval", "report")
-UPSTREAM = {"data": [], "tokenizer": ["data"], "pretrain": ["tokenizer"], "sft": ["pretrain"], "pairs": ["sft"],
-            "rm": ["pairs"], "ppo": ["rm", "sft"], "dpo": ["pairs"], "grpo": ["rm", "sft"],
-            "eval": ["pretrain", "sft", "rm", "ppo", "dpo", "grpo"], "report": ["eval"]}
-ALIASES = {"base": "pretrain", "comparisons": "pairs"}
-VOLATILE = {("train", "progress"), ("train", "restart"), ("train", "threads"), ("train", "device"), ("model", "init"), ("tokenizer", "path"), ("data", "path"),
-            ("data", "val_path"), ("rl", "reward_model")}
-
-
-def downstream(step: str) -> list[str]:
-    """``step`` and every step that depends on it, in pipeline order."""
-    out = {step}
-    for s in STEPS:
-        if any(u in out for u in UPSTREAM[s]):
-            out.add(s)
-    return [s for s in STEPS if s in out]
-
-
-def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Dotlist entries -> (shared, {stage: entries}); ``stages.ppo.rl.kl_coef=0.2`` goes to ppo only.
-    ``recipe.*`` / ``demo.*`` entries are the pipeline's (see :func:`pipeline_overrides`) and left out."""
-    shared: list[str] = []
-    per: dict[str, list[str]] = {}
-    for o in overrides:
-        if o.split(".", 1)[0] in PIPELINE_SECTIONS:
-            continue
-        if o.startswith("stages."):
-            parts = o.split(".", 2)
-            if len(parts) < 3 or parts[1] not in CONFIG_STAGES:
-                raise ConfigError(f"override '{o}': expected stages.<stage>.<section>.<key>=value with a stage in "
-                                  f"{', '.join(CONFIG_STAGES)}")
-            per.setdefault(parts[1], []).append(parts[2])
-        else:
-            shared.append(o)
-    return shared, per
-
-
-def pipeline_overrides(overrides: list[str]) -> list[str]:
-    """The ``recipe.*`` and ``demo.*`` entries of a dotlist."""
-    return [o for o in overrides if o.split(".", 1)[0] in PIPELINE_SECTIONS]
-
-
-# Config fields added after run directories existed, each with the value that gives the behaviour from before it
-# existed: at that value a field is left out of the fingerprint, so adding a field does not rerun finished stages.
-SINCE_ADDED = {("data", "val_split"): "tail", ("data", "mixture"): []}
-# Fields that cannot change a stage's result (where caches live, how a corpus is cut into shards; the pipeline
-# trains the tokenizer in its own step, so the pretrain stage's sample size is never used).
-VOLATILE |= {("data", "cache_dir"), ("data", "shard_tokens"), ("tokenizer", "sample_chars")}
-
-
-def config_fingerprint(cfg: Config) -> dict:
-    """The config as a stage's input: paths (covered by data/model digests) and display flags removed."""
-    d = to_dict(cfg)
-    for section, key in VOLATILE:
-        d.get(section, {}).pop(key, None)
-    for (section, key), before in SINCE_ADDED.items():
-        if d.get(section, {}).get(key, before) == before:
-            d.get(section, {}).pop(key, None)
-    d.pop("demo", None)  # (older configs carried the demo section; the demo's data is fingerprinted by its files)
-    return d
+                             data_digest, digest)
 
 
 class Pipeline:
@@ -124,7 +67,7 @@ class Pipeline:
         self.verbose = verbose
         self.device = device
         self.notes: list[str] = []
-        self.plan = self._plan()
+        self.plan = recipe_plan(self)
         enabled = [s for s in STEPS if s in self.plan or s not in TRAIN_STAGES]
         if "tokenizer" not in self.plan:
             enabled.remove("tokenizer")
@@ -149,84 +92,6 @@ class Pipeline:
         self.waiting: Optional[str] = None
 
     # ---- the recipe's plan -----------------------------------------------------------------------------------
-
-    def _plan(self) -> list[str]:
-        """The recipe's training stages plus its tokenizer/pairs steps, checked before any work: a missing file,
-        an unknown stage or a stage without its required input is one line naming the stage and the key."""
-        train = list(dict.fromkeys(self.recipe.stages))
-        if self.is_demo and self.demo.dpo and "dpo" not in train:
-            train.append("dpo")
-        if "sft" in train and "pretrain" in train and self.stage_config("sft").model.init:
-            train.remove("pretrain")
-            self.notes.append("sft starts from stages.sft.model.init: no tokenizer or pretrain steps")
-        plan = [s for s in TRAIN_STAGES if s in train]
-        if not self.is_demo:
-            self._check_files(plan)
-        steps = list(plan)
-        if "pretrain" in plan:
-            pre = self.stage_config("pretrain")
-            if self.is_demo or not (pre.tokenizer.path or pre.model.init):
-                steps.append("tokenizer")
-        if ("rm" in plan or "dpo" in plan) and (self.is_demo or self.recipe.comparisons.source != "file"):
-            steps.append("pairs")
-        return steps
-
-    def _check_files(self, plan: list[str]) -> None:
-        def need_paths(stage: str, paths: list[str], key: str, what: str) -> None:
-            if not paths:
-                raise ConfigError(f"stage {stage}: {key} is empty; name {what}")
-            for p in paths:
-                if not Path(p).exists():
-                    raise ConfigError(f"stage {stage}: {key}: no such file or folder '{p}'")
-
-        def need_dir(stage: str, path: Optional[str], key: str) -> None:
-            if path and not Path(path).is_dir():
-                raise ConfigError(f"stage {stage}: {key}: no such model directory '{path}'")
-
-        comp = self.recipe.comparisons
-        for stage in plan:
-            cfg = self.stage_config(stage)
-            key = f"stages.{stage}"
-            need_dir(stage, cfg.model.init, f"{key}.model.init")
-            if stage == "pretrain":
-                need_paths(stage, cfg.data.path, f"{key}.data.path", "the pretraining text files")
-            elif stage == "sft":
-                need_paths(stage, cfg.data.path, f"{key}.data.path", "the demonstration files")
-            elif stage in ("rm", "dpo") and comp.source == "file":
-                paths = cfg.data.path or (self.stage_config("rm").data.path if stage == "dpo" else [])
-                need_paths(stage, paths, f"{key}.data.path", "the preference files (recipe.comparisons.source=file)")
-            elif stage in ("ppo", "grpo"):
-                need_paths(stage, cfg.data.path, f"{key}.data.path", "the RL prompt files")
-                if "rm" not in plan and not (cfg.rl.reward_model or cfg.rl.reward_fn):
-                    raise ConfigError(f"stage {stage}: no reward: add rm to recipe.stages, or set "
-                                      f"{key}.rl.reward_model (an RM directory) or {key}.rl.reward_fn")
-                if "rm" in plan and cfg.rl.reward_fn:
-                    raise ConfigError(f"stage {stage}: {key}.rl.reward_fn is set but the recipe trains a reward "
-                                      f"model (rm in recipe.stages); keep one of them")
-                need_dir(stage, None if "rm" in plan else cfg.rl.reward_model, f"{key}.rl.reward_model")
-            if stage != "pretrain" and not cfg.model.init and not self._upstream_model(stage, plan):
-                first = "pretrain" if stage == "sft" else "sft"
-                raise ConfigError(f"stage {stage}: no starting model: add {first} to recipe.stages or set "
-                                  f"{key}.model.init")
-        if ("rm" in plan or "dpo" in plan) and comp.source != "file":
-            if comp.source == "program" and not comp.ranker:
-                raise ConfigError("stage rm: recipe.comparisons.source=program needs recipe.comparisons.ranker "
-                                  "(module:function of prompt, responses -> scores)")
-            if comp.prompts:
-                need_paths("rm", comp.prompts, "recipe.comparisons.prompts", "the prompts whose answers are ranked")
-            elif not self.rl_stage(plan):
-                raise ConfigError("stage rm: recipe.comparisons.prompts is empty and the recipe has no ppo/grpo "
-                                  "prompts to take them from")
-            if comp.samples_per_prompt < 2:
-                raise ConfigError("stage rm: recipe.comparisons.samples_per_prompt must be >= 2 (answers to rank)")
-        for p in self.recipe.eval.prompts:
-            if not Path(p).exists():
-                raise ConfigError(f"stage eval: recipe.eval.prompts: no such file or folder '{p}'")
-
-    def _upstream_model(self, stage: str, plan: list[str]) -> Optional[str]:
-        """The run's own model this stage starts from: sft <- base, the later stages <- sft."""
-        up = "pretrain" if stage == "sft" else "sft" if stage != "pretrain" else None
-        return up if up in plan else None
 
     def rl_stage(self, plan: Optional[list[str]] = None) -> Optional[str]:
         plan = self.plan if plan is None else plan
@@ -270,54 +135,7 @@ class Pipeline:
             from chatforge.demo_steps import demo_data
 
             return demo_data(self)
-        return self.step_recipe_data()
-
-    def step_recipe_data(self) -> StepResult:
-        """The user's files: the RL prompts split into RL training and evaluation prompts (when the recipe
-        evaluates on a held-out share of them), written to data/ with their digests in data/recipe.json."""
-        from chatforge.data.prompts import read_prompts
-
-        ev, rl = self.recipe.eval, self.rl_stage()
-        rl_paths = self.stage_config(rl).data.path if rl else []
-        spec = {"eval_prompts": data_digest(ev.prompts) if ev.prompts else None,
-                "rl_prompts": data_digest(rl_paths) if rl_paths else None, "heldout": ev.heldout_prompts,
-                "max_prompts": ev.max_prompts, "seed": ev.seed}
-        fp = digest(spec)
-        meta = self.data_dir / "recipe.json"
-        if "data" not in self.force and meta.is_file():
-            rec = json.loads(meta.read_text())
-            if rec.get("fingerprint") == fp and all(self.data_file(k).is_file() for k in rec.get("stats", {})):
-                return StepResult("skipped")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-
-        def as_json(p) -> object:  # one user message -> a string (the demo's and most files' form)
-            m = p.messages
-            return m[0]["content"] if len(m) == 1 and m[0]["role"] == "user" else m
-
-        def write(name: str, prompts: list) -> None:
-            atomic_write_text(self.data_file(name), "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-
-        stats: dict = {}
-        for name in ("rl_prompts", "eval_prompts"):
-            self.data_file(name).unlink(missing_ok=True)
-        if ev.prompts:
-            evp = [as_json(p) for p in read_prompts(ev.prompts)]
-        elif rl_paths:
-            rlp = [as_json(p) for p in read_prompts(rl_paths)]
-            n = min(ev.heldout_prompts, len(rlp) // 2)
-            held = set(random.Random(f"chatforge-eval-split-{ev.seed}").sample(range(len(rlp)), n))
-            evp = [p for i, p in enumerate(rlp) if i in held]
-            write("rl_prompts", [p for i, p in enumerate(rlp) if i not in held])
-            stats["rl_prompts"] = len(rlp) - n
-        else:
-            evp = []
-        if ev.max_prompts:
-            evp = evp[:ev.max_prompts]
-        if evp:
-            write("eval_prompts", evp)
-            stats["eval_prompts"] = len(evp)
-        atomic_write_json(meta, {"fingerprint": fp, "spec": spec, "stats": stats})
-        return StepResult("ran", detail=stats)
+        return recipe_data(self)
 
     def world_digest(self, *names: str) -> dict:
         """The digests of demo world files (data/world.json)."""
@@ -365,41 +183,7 @@ class Pipeline:
             from chatforge.demo_steps import demo_wire
 
             return demo_wire(self, stage)
-        return self.wire_files(stage)
-
-    def wire_files(self, stage: str) -> tuple[Config, dict]:
-        cfg = self.stage_config(stage)
-        inputs: dict = {}
-        up = self._upstream_model(stage, self.plan)
-        if up:
-            cfg.model.init = self.need(stage, up, inputs)
-            cfg.tokenizer.path = None
-        elif cfg.model.init:
-            inputs["model_init"] = path_digest(cfg.model.init)
-        if stage == "pretrain" and "tokenizer" in self.plan:
-            cfg.tokenizer.path = str(self.path("tokenizer"))
-            inputs["tokenizer"] = file_digest(self.path("tokenizer") / "tokenizer.json")
-        if stage in ("rm", "dpo"):
-            if "pairs" in self.plan:
-                pairs = self.root / "pairs" / "train.jsonl"
-                if not pairs.is_file():
-                    raise ConfigError(f"stage {stage} needs the comparisons in {pairs}; run --stages pairs first "
-                                      "(or without --stages)")
-                cfg.data.path = [str(pairs)]
-            elif stage == "dpo" and not cfg.data.path:
-                cfg.data.path = list(self.stage_config("rm").data.path)
-        if stage in ("ppo", "grpo"):
-            if "rm" in self.plan:
-                cfg.rl.reward_model = self.need(stage, "rm", inputs)
-            elif cfg.rl.reward_model:
-                inputs["reward_model"] = path_digest(cfg.rl.reward_model)
-            if self.data_file("rl_prompts").is_file():  # the RL prompts less the held-out evaluation prompts
-                cfg.data.path = [str(self.data_file("rl_prompts"))]
-        if cfg.data.path:
-            inputs["data"] = data_digest(cfg.data.path)
-        if cfg.data.val_path:
-            inputs["val_data"] = data_digest(cfg.data.val_path)
-        return cfg, inputs
+        return wire_files(self, stage)
 
     def step_train(self, stage: str) -> StepResult:
         """Run one training stage: skip when finished with the same fingerprint, resume when its checkpoint

@@ -29,6 +29,9 @@ the model's own distribution, ``log_softmax(logits)`` in fp32 (untempered).
 
 Run it on its own thread (:meth:`start`; :meth:`submit` from any thread, events arrive through the
 callback on the scheduler thread) or drive it by hand (:meth:`step`, :meth:`run_until_idle`).
+
+The request types live in :mod:`chatforge.generation_request`, the native cache in :mod:`chatforge.slot_cache`,
+per-row sampling in :mod:`chatforge.row_sampling`; this file holds the scheduling loop.
 """
 
 from __future__ import annotations
@@ -38,230 +41,15 @@ import os
 import threading
 import traceback
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from chatforge.model.gpt import GPT, KVCache, kv_heads
-
-
-@dataclass
-class Request:
-    """One generation request (token ids in, token ids out)."""
-
-    prompt: Sequence[int]
-    """The prompt ids (at least one)."""
-    max_new_tokens: int
-    """At most this many new tokens (capped so prompt + answer fit the model's context)."""
-    temperature: float = 1.0
-    """0 = greedy."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the most likely tokens until their mass reaches top_p (1 = all)."""
-    seed: Optional[int] = None
-    """Seed of this request's sampling generator (None: drawn from the scheduler's generator)."""
-    stop_ids: Sequence[int] = ()
-    """Ids that end the answer (the stop id is emitted, with finish "stop")."""
-    top_logprobs: int = 0
-    """Also report the this-many most likely tokens (id, log-prob) at each step."""
-
-
-@dataclass
-class RequestEvent:
-    """One new token of a request, or the end of it."""
-
-    token: Optional[int] = None
-    logprob: Optional[float] = None
-    """log_softmax(logits)[token], fp32."""
-    top: Optional[list[tuple[int, float]]] = None
-    """The ``top_logprobs`` most likely (id, log-prob), when asked."""
-    finish: Optional[str] = None
-    """None while running; then "stop" (a stop id), "length" (max_new_tokens) or "cancelled"."""
-    error: Optional[str] = None
-    """Set when the model failed on this request (the request is over)."""
-
-
-class RequestHandle:
-    """A submitted request: its tokens so far, :meth:`cancel`, and :meth:`wait` for the end."""
-
-    def __init__(self, rid: int, request: Request, on_event: Optional[Callable[[RequestEvent], None]]):
-        self.id = rid
-        self.request = request
-        self.on_event = on_event
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.finish: Optional[str] = None
-        self.error: Optional[str] = None
-        self.cancelled = False
-        self._done = threading.Event()
-        # set by the scheduler
-        self.generator: Optional[torch.Generator] = None
-        self.row: Optional[int] = None
-        self.cache: Any = None  # per-request cache (generic backend)
-        self.pending: Optional[int] = None  # the last sampled token, not yet fed to the model
-        self.max_new = 0
-
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this request (its row is freed at the next step)."""
-        self.cancelled = True
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: Optional[float] = None) -> "RequestHandle":
-        """Block until the request is over (raises TimeoutError after ``timeout`` seconds)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
-        return self
-
-    def _emit(self, ev: RequestEvent) -> None:
-        if ev.token is not None:
-            self.tokens.append(ev.token)
-            self.logprobs.append(ev.logprob)
-        if ev.finish is not None or ev.error is not None:
-            self.finish, self.error = ev.finish, ev.error
-        if self.on_event is not None:
-            try:
-                self.on_event(ev)
-            except Exception:  # a consumer that went away must not stop the batch
-                self.cancelled = True
-        if ev.finish is not None or ev.error is not None:
-            self._done.set()
-
-
-# ----------------------------------------------------------------------------- the native KV cache
-
-
-class SlotCache:
-    """Keys/values of up to ``rows`` requests that join and leave at any step (see the module docstring).
-
-    Storage k, v: (n_layer, rows, n_kv_head, max_len, hd); rows [0, n) are active. Seen by the model as a
-    :class:`~chatforge.model.gpt.KVCache` of batch n: ``valid`` (n, max_len) bool, ``next_pos`` (n,),
-    ``length`` (slots used so far, shared), ``update``, ``advance``.
-    """
-
-    def __init__(self, n_layer: int, rows: int, n_kv_head: int, max_len: int, head_dim: int, device=None,
-                 dtype: torch.dtype = torch.float32):
-        shape = (n_layer, rows, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid_all = torch.zeros(rows, max_len, device=device, dtype=torch.bool)
-        self.pos_all = torch.zeros(rows, device=device, dtype=torch.long)
-        self.rows, self.max_len = rows, max_len
-        self.n = 0
-        self.length = 0
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.valid_all[: self.n]  # (n, max_len) view: the model writes the new slot through it
-
-    @property
-    def next_pos(self) -> torch.Tensor:
-        return self.pos_all[: self.n]  # (n,)
-
-    def nbytes_per_row(self) -> int:
-        """Bytes of keys + values one request holds (its row of the storage)."""
-        return 2 * self.k[:, 0].numel() * self.k.element_size()
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (n, Hkv, T, hd) into slots [length, length+T) -> all keys/values (n, Hkv, length+T, hd)."""
-        L, T, n = self.length, k.shape[2], self.n
-        self.k[layer, :n, :, L:L + T] = k
-        self.v[layer, :n, :, L:L + T] = v
-        return self.k[layer, :n, :, :L + T], self.v[layer, :n, :, :L + T]
-
-    def advance(self, mask: Optional[torch.Tensor], T: int) -> None:
-        if mask is not None:
-            raise ValueError("SlotCache takes decode steps only (prefill into a KVCache, then add_rows)")
-        self.valid_all[: self.n, self.length:self.length + T] = True
-        self.pos_all[: self.n] += T
-        self.length += T
-
-    def add_rows(self, src: KVCache) -> list[int]:
-        """Append the rows of a prefilled cache (left-padded prompts); returns their row indices."""
-        b, P = src.k.shape[1], src.length
-        if self.n + b > self.rows:
-            raise ValueError(f"no free rows: {self.n} + {b} > {self.rows}")
-        if self.length < P:  # make room before `length`: shift every active row right by P - length
-            d, L, n = P - self.length, self.length, self.n
-            self.k[:, :n, :, d:d + L] = self.k[:, :n, :, :L].clone()
-            self.v[:, :n, :, d:d + L] = self.v[:, :n, :, :L].clone()
-            self.valid_all[:n, d:d + L] = self.valid_all[:n, :L].clone()
-            self.valid_all[:n, :d] = False
-            self.length = P
-        L, r = self.length, slice(self.n, self.n + b)
-        self.k[:, r, :, L - P:L] = src.k[:, :, :, :P]
-        self.v[:, r, :, L - P:L] = src.v[:, :, :, :P]
-        self.valid_all[r] = False
-        self.valid_all[r, L - P:L] = src.valid[:, :P]
-        self.pos_all[r] = src.next_pos
-        self.n += b
-        return list(range(r.start, r.stop))
-
-    def remove_row(self, row: int) -> Optional[int]:
-        """Free ``row``: the last active row moves into it. Returns the index that moved (None if none did)."""
-        last = self.n - 1
-        moved = None
-        if row != last:
-            L = self.length
-            self.k[:, row, :, :L] = self.k[:, last, :, :L]
-            self.v[:, row, :, :L] = self.v[:, last, :, :L]
-            self.valid_all[row] = self.valid_all[last]
-            self.pos_all[row] = self.pos_all[last]
-            moved = last
-        self.valid_all[last] = False
-        self.n -= 1
-        if self.n == 0:
-            self.length = 0
-        return moved
-
-    def compact(self) -> None:
-        """Squeeze out invalid slots: each row's valid slots (in order) end at the new ``length`` = the largest
-        number of valid slots of a row."""
-        n, L = self.n, self.length
-        valid = self.valid_all[:n, :L]  # (n, L)
-        new_len = int(valid.sum(1).max()) if n else 0
-        order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)[:, L - new_len:]  # (n, new_len): valid last
-        idx = order[None, :, None, :, None].expand(self.k.shape[0], n, self.k.shape[2], new_len, self.k.shape[4])
-        self.k[:, :n, :, :new_len] = torch.gather(self.k[:, :n, :, :L], 3, idx)
-        self.v[:, :n, :, :new_len] = torch.gather(self.v[:, :n, :, :L], 3, idx)
-        self.valid_all[:n, :new_len] = torch.gather(valid, 1, order)
-        self.valid_all[:n, new_len:] = False
-        self.length = new_len
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, V) logits, per-row temperature (B,) and top_p (B,), one generator per row -> (next ids (B,),
-    log_softmax(logits) fp32 (B, V)). Row by row the same law and draws as :func:`chatforge.engine.sample_next`."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)  # (B, V) the model's distribution
-    nxt = logits.argmax(dim=-1)  # (B,) greedy rows keep this
-    hot = (temperature > 0).nonzero().flatten().tolist()
-    if hot:
-        t = temperature[hot].to(logits)[:, None]  # (h, 1)
-        x = logits[hot] / t  # (h, V); x / 1.0 == x exactly
-        p_keep = top_p[hot].to(logits)  # (h,)
-        if bool((p_keep < 1.0).any()):
-            sorted_x, order = torch.sort(x, dim=-1, descending=True)  # (h, V)
-            probs = torch.softmax(sorted_x, dim=-1)
-            drop_sorted = (probs.cumsum(-1) - probs) >= p_keep[:, None]  # (h, V); the top-1 always stays
-            drop_sorted &= (p_keep < 1.0)[:, None]
-            x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
-        probs = torch.softmax(x, dim=-1)  # (h, V)
-        cdf = probs.cpu().to(torch.float64).cumsum(-1)  # (h, V)
-        u = torch.cat([torch.rand(1, 1, generator=generators[i], dtype=torch.float64) for i in hot])  # (h, 1)
-        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=x.shape[-1] - 1)
-        nxt[hot] = drawn.to(nxt.device)
-    return nxt, logp
-
-
-# ----------------------------------------------------------------------------- the scheduler
+from chatforge.generation_request import Request, RequestEvent, RequestHandle
+from chatforge.model.gpt import GPT, kv_heads
+from chatforge.row_sampling import sample_rows
+from chatforge.slot_cache import SlotCache
 
 
 def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
@@ -563,22 +351,3 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-
-
-@torch.inference_mode()
-def prompt_logprobs(model: nn.Module, ids: Sequence[int], top: int = 0
-                    ) -> tuple[list[Optional[float]], list[Optional[list[tuple[int, float]]]]]:
-    """Log-probs of each token of ``ids`` given the ones before it, from one full forward (no cache):
-    ([None, lp_1, ..., lp_{T-1}], per position the ``top`` most likely (id, log-prob) or None)."""
-    device = next(model.parameters()).device
-    x = torch.tensor([list(ids)], dtype=torch.long, device=device)  # (1, T)
-    logp = torch.log_softmax(model(x)[0].float(), dim=-1)  # (T, V): row t predicts token t + 1
-    tgt = x[0, 1:]  # (T-1,)
-    lps = logp[:-1].gather(1, tgt[:, None]).squeeze(1).tolist()
-    tops: list[Optional[list[tuple[int, float]]]] = [None]
-    if top > 0:
-        v, i = torch.topk(logp[:-1], min(top, logp.shape[-1]), dim=-1)  # (T-1, k)
-        tops += [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
-    else:
-        tops += [None] * len(lps)
-    return [None] + lps, tops

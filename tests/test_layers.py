@@ -8,11 +8,14 @@ and any layer below it):
     1  files, checkpoint, distributed, metrics, optim, rundir, tracking files, processes, records, the optimizer
     2  tokenizer
     3  data.*, demo.*, model.*                                   text, the demo world, the networks
-    4  engine, scheduler, losses                                 generation on ids, pure loss functions
+    4  engine, scheduler, slot_cache, row_sampling,              generation on ids, pure loss functions
+       generation_request, losses
     5  trainer, evaluate                                         the one loop; evaluation
     6  rl.*                                                      rollouts, roles, the update loop
     7  stages.*                                                  each stage's algorithm
-    8  steps, demo_steps, comparisons, recipe_eval, pipeline, report, commands.*, serve.*, lm_eval.*, cli, __main__
+    8  steps, demo_steps, comparisons, recipe_eval, pipeline, pipeline_graph, pipeline_config, recipe_plan,
+       recipe_steps, report, report_run, report_plots, report_markdown,
+       commands.*, serve.*, lm_eval.*, cli, __main__
 A new module is given its layer here (the test names a module it does not know).
 """
 
@@ -31,12 +34,15 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "chatforge.tracking")),
     (2, ("chatforge.tokenizer",)),
     (3, ("chatforge.data", "chatforge.demo", "chatforge.model")),
-    (4, ("chatforge.engine", "chatforge.scheduler", "chatforge.losses")),
+    (4, ("chatforge.engine", "chatforge.scheduler", "chatforge.slot_cache", "chatforge.row_sampling",
+         "chatforge.generation_request", "chatforge.losses")),
     (5, ("chatforge.trainer", "chatforge.evaluate")),
     (6, ("chatforge.rl",)),
     (7, ("chatforge.stages",)),
     (8, ("chatforge.steps", "chatforge.demo_steps", "chatforge.comparisons", "chatforge.recipe_eval",
-         "chatforge.pipeline", "chatforge.report", "chatforge.commands", "chatforge.serve", "chatforge.lm_eval",
+         "chatforge.pipeline", "chatforge.pipeline_graph", "chatforge.pipeline_config",
+         "chatforge.recipe_plan", "chatforge.recipe_steps", "chatforge.report", "chatforge.report_run", "chatforge.report_plots",
+         "chatforge.report_markdown", "chatforge.commands", "chatforge.serve", "chatforge.lm_eval",
          "chatforge.cli", "chatforge.__main__")),
 ]
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from chatforge.config import ConfigError
-from chatforge.pipeline import DIRS, Pipeline, downstream, split_overrides
+from chatforge.pipeline import DIRS, Pipeline
+from chatforge.pipeline_config import split_overrides
+from chatforge.pipeline_graph import downstream
 from chatforge.trainer import Interrupted, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,10 @@ import torch
 
 from chatforge.engine import Engine, sample_next
 from chatforge.model.hf_causal import HFCausalLM
-from chatforge.scheduler import Request, Scheduler, SlotCache, prompt_logprobs, sample_rows
+from chatforge.generation_request import Request
+from chatforge.row_sampling import prompt_logprobs, sample_rows
+from chatforge.scheduler import Scheduler
+from chatforge.slot_cache import SlotCache
 from tests.serve_fixtures import micro_gpt
 
 pytestmark = pytest.mark.timeout(120)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 COMMANDS = {
     "/help": "list these commands",
@@ -62,12 +62,90 @@ def stop_note(prompt_len: int, new_ids: Sequence[int], stop_ids: Sequence[int], 
     return None
 
 
+def read_line(interactive: bool) -> Optional[str]:
+    """The next line the user typed (or piped), or None when they leave (end of input, Ctrl-C at the prompt)."""
+    try:
+        if interactive:
+            try:
+                return input("you> ")
+            except EOFError:
+                print()
+                return None
+        line = sys.stdin.readline()
+        return line if line else None
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: leave
+        if interactive:
+            print()
+        return None
+
+
+def run_command(command: str, say: Callable[[str], None]) -> Optional[str]:
+    """Carry out a slash command: "quit", "reset" (the caller forgets the history) or None (a reply was said)."""
+    if command == "/quit":
+        return "quit"
+    if command == "/reset":
+        say("(history cleared)")
+        return "reset"
+    if command == "/help":
+        say("\n".join(f"  {c:<8} {h}" for c, h in COMMANDS.items()) +
+            "\n  //text   send a message that starts with a slash ('/text')")
+    else:
+        say(f"(unknown command {command}; /help lists the commands; nothing was sent to the model)")
+    return None
+
+
+def turn_prompt(tok, system: list[dict], history: list[dict], block_size: int, max_new_tokens: int,
+                say: Callable[[str], None]) -> list[int]:
+    """The prompt ids of this turn (fit to the context), with a note when the message or old turns were cut."""
+    from chatforge.tokenizer import render_prompt
+
+    reserve = min(max_new_tokens, block_size // 2)
+    ids = fit_history(tok, system, history, block_size, reserve)
+    alone = render_prompt(tok, system + history[-1:])
+    if len(alone) > len(ids):
+        say(f"(note: your message is {len(alone)} tokens with the chat format, more than the model's context "
+            f"of {block_size}; only its last {len(ids)} tokens are read)")
+    elif len(ids) < len(render_prompt(tok, system + history)):
+        say("(note: the oldest turns were dropped to fit the model's context)")
+    return ids
+
+
+def stream_answer(engine, tok, ids: list[int], args: argparse.Namespace, stop: list[int], gen,
+                  interactive: bool) -> tuple[list[int], bool, bool]:
+    """Print the answer as it is written -> (its new ids, ended with a stop token, stopped by Ctrl-C)."""
+    if interactive:
+        print("bot> ", end="", flush=True)
+    out: list[int] = []
+    shown = ""
+
+    def visible(text: str) -> str:  # piped: one answer per output line
+        return text if interactive else text.replace("\r", " ").replace("\n", " ")
+
+    ended, stopped = False, False
+    try:
+        for t in engine.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, stop_ids=stop, generator=gen):
+            if t in stop:
+                ended = True
+                break
+            out.append(t)
+            text = tok.decode(out, skip_special=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(visible(text[len(shown):]), end="", flush=True)
+                shown = text
+    except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, keep the chat
+        if not interactive:
+            raise
+        stopped = True
+    print(visible(tok.decode(out, skip_special=True)[len(shown):]), flush=True)
+    return out, ended, stopped
+
+
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
 
     from chatforge.engine import Engine
     from chatforge.model.load import load_causal_lm
-    from chatforge.tokenizer import render_prompt
 
     model, mcfg, tok = load_causal_lm(args.model, args.device)
     model.eval()
@@ -84,74 +162,25 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     if interactive:
         print(f"chatforge chat with {args.model} — /help lists the commands, Ctrl-C stops an answer")
     while True:
-        try:
-            if interactive:
-                try:
-                    line = input("you> ")
-                except EOFError:
-                    print()
-                    break
-            else:
-                line = sys.stdin.readline()
-                if not line:
-                    break
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave
-            if interactive:
-                print()
+        line = read_line(interactive)
+        if line is None:
             break
         line = line.strip()
         if not line:
             continue
         if _COMMAND.match(line):
-            command = line.split()[0]
-            if command == "/quit":
+            action = run_command(line.split()[0], say)
+            if action == "quit":
                 break
-            if command == "/reset":
+            if action == "reset":
                 history = []
-                say("(history cleared)")
-            elif command == "/help":
-                say("\n".join(f"  {c:<8} {h}" for c, h in COMMANDS.items()) +
-                    "\n  //text   send a message that starts with a slash ('/text')")
-            else:
-                say(f"(unknown command {command}; /help lists the commands; nothing was sent to the model)")
             continue
         if line.startswith("//"):
             line = line[1:]
         history.append({"role": "user", "content": line})
-        reserve = min(args.max_new_tokens, mcfg.block_size // 2)
-        ids = fit_history(tok, system, history, mcfg.block_size, reserve)
-        alone = render_prompt(tok, system + history[-1:])
-        if len(alone) > len(ids):
-            say(f"(note: your message is {len(alone)} tokens with the chat format, more than the model's context "
-                f"of {mcfg.block_size}; only its last {len(ids)} tokens are read)")
-        elif len(ids) < len(render_prompt(tok, system + history)):
-            say("(note: the oldest turns were dropped to fit the model's context)")
-        if interactive:
-            print("bot> ", end="", flush=True)
-        out: list[int] = []
-        shown = ""
-
-        def visible(text: str) -> str:  # piped: one answer per output line
-            return text if interactive else text.replace("\r", " ").replace("\n", " ")
-
-        ended, stopped = False, False
-        try:
-            for t in engine.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, stop_ids=stop, generator=gen):
-                if t in stop:
-                    ended = True
-                    break
-                out.append(t)
-                text = tok.decode(out, skip_special=True)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    print(visible(text[len(shown):]), end="", flush=True)
-                    shown = text
-        except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, keep the chat
-            if not interactive:
-                raise
-            stopped = True
+        ids = turn_prompt(tok, system, history, mcfg.block_size, args.max_new_tokens, say)
+        out, ended, stopped = stream_answer(engine, tok, ids, args, stop, gen, interactive)
         answer = tok.decode(out, skip_special=True).strip()
-        print(visible(tok.decode(out, skip_special=True)[len(shown):]), flush=True)
         history.append({"role": "assistant", "content": answer or "..."})
         if stopped:
             say("(answer stopped; Ctrl-C again or Ctrl-D to quit)")

@@ -19,7 +19,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Sequence
 
-from chatforge.scheduler import Request, RequestEvent, Scheduler
+from chatforge.generation_request import Request, RequestEvent
+from chatforge.scheduler import Scheduler
 from chatforge.tokenizer import ChatTokenizer, render_prompt
 
 

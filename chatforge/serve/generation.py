@@ -8,7 +8,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Sequence
 
-from chatforge.scheduler import Request
+from chatforge.generation_request import Request
 from chatforge.serve.context import ServedModel, stream_events
 from chatforge.serve.textstream import TextStream
 

@@ -20,7 +20,8 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from chatforge.scheduler import Request, prompt_logprobs
+from chatforge.generation_request import Request
+from chatforge.row_sampling import prompt_logprobs
 from chatforge.serve.context import ServedModel, ServeContext, ServeError
 from chatforge.serve.generation import Piece, TokenInfo, answer_pieces, merge, token_bytes, token_text
 from chatforge.serve.params import (Logprobs, read_bool, read_chat_logprobs, read_completion_logprobs,
@@ -127,144 +128,175 @@ def add_openai_routes(app: FastAPI, ctx: ServeContext) -> None:
 
     @app.get("/health")
     async def health() -> dict:
-        load = {n: {"active": m.scheduler.num_active, "waiting": m.scheduler.num_waiting,
-                    "finished": m.scheduler.finished, "cancelled": m.scheduler.cancelled}
-                for n, m in ctx.models.items() if m.scheduler is not None}
-        return {"status": "ok", "models": list(ctx.models), "requests": load}
+        return handle_health(ctx)
 
     @app.get("/v1/models")
     async def list_models(request: HTTPRequest) -> dict:
-        check_api_key(ctx, request)
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": "chatforge", "kind": m.kind,
-             "context_length": m.context_length, "root": m.path} for m in ctx.models.values()]}
+        return handle_list_models(ctx, request)
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: HTTPRequest) -> dict:
-        check_api_key(ctx, request)
-        m = ctx.get(name)
-        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "chatforge", "kind": m.kind,
-                "context_length": m.context_length, "root": m.path}
+        return handle_get_model(ctx, name, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
-        check_api_key(ctx, request)
-        body = await read_json(request)
-        sp = read_sampling(body, default_max_tokens=None, min_max_tokens=1)
-        messages = read_messages(body)
-        lp = read_chat_logprobs(body)
-        m = ctx.get(sp.model, "chat")
-        try:
-            prompt = render_prompt(m.tokenizer, messages)
-        except ConversationError as e:
-            raise ServeError(f"'messages': {e}", 400, param="messages", code="invalid_value") from None
-        new = _new_tokens(m, len(prompt), sp.max_tokens, sp.max_tokens_param, "messages")
-        reqs = [Request(prompt=prompt, max_new_tokens=new, temperature=sp.temperature, top_p=sp.top_p,
-                        seed=None if sp.seed is None else sp.seed + i, stop_ids=m.stop_ids, top_logprobs=lp.top)
-                for i in range(sp.n)]
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if sp.stream:
-            return _stream(_chat_chunks(m, reqs, sp.stop, lp, cid, created, len(prompt), sp.include_usage))
-        texts, tokens, finishes = await _run_all(m, reqs, sp.stop)
-        choices = []
-        for i in range(sp.n):
-            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                            "logprobs": {"content": chat_logprob_entries(m.tokenizer, tokens[i], lp.top)}
-                            if lp.on else None,
-                            "finish_reason": finishes[i]})
-        return {"id": cid, "object": "chat.completion", "created": created, "model": m.name, "choices": choices,
-                "usage": _usage(len(prompt), sum(len(t) for t in tokens))}
+        return await handle_chat_completions(ctx, request)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        check_api_key(ctx, request)
-        body = await read_json(request)
-        explicit = body.get("max_tokens") is not None
-        sp = read_sampling(body, default_max_tokens=16, min_max_tokens=0)
-        lp = read_completion_logprobs(body)
-        echo = read_bool(body, "echo")
-        m = ctx.get(sp.model, "chat")
-        tok = m.tokenizer
-        jobs = []  # per prompt: (ids fed to the model, echoed ids, echoed text, new tokens)
-        for p in read_prompts(body, tok.vocab_size):
-            if isinstance(p, str):
-                ids = [tok.bos_id] + tok.encode(p)
-                shown, text = ids[1:], p
-            else:
-                ids, shown, text = p, p, tok.decode(p)
-            new = _new_tokens(m, len(ids), sp.max_tokens, "max_tokens", "prompt", explicit)
-            jobs.append((ids, shown, text, new))
-        reqs = [Request(prompt=ids, max_new_tokens=new, temperature=sp.temperature, top_p=sp.top_p,
-                        seed=None if sp.seed is None else sp.seed + j, stop_ids=m.stop_ids, top_logprobs=lp.top)
-                for ids, _, _, new in jobs for j in range(sp.n)]
-        echoed: list[list[TokenInfo]] = []
-        if echo and lp.on:
-            for ids, shown, _, _ in jobs:
-                lps, tops = await run_in_threadpool(m.scheduler.call, lambda ids=ids: prompt_logprobs(
-                    m.model, ids, lp.top))
-                echoed.append([TokenInfo(i, a, b) for i, a, b in zip(ids, lps, tops)][len(ids) - len(shown):])
-        else:
-            echoed = [[TokenInfo(i, None) for i in shown] for _, shown, _, _ in jobs]
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt_tokens = sum(len(ids) for ids, _, _, _ in jobs)
-        heads = [(jobs[k // sp.n][2] if echo else "", echoed[k // sp.n] if echo else []) for k in range(len(reqs))]
-        if sp.stream:
-            return _stream(_completion_chunks(m, reqs, sp.stop, lp, heads, cid, created, prompt_tokens,
-                                              sp.include_usage))
-        active = [k for k, r in enumerate(reqs) if r.max_new_tokens > 0]
-        texts, tokens, finishes = ([""] * len(reqs), [[] for _ in reqs], ["length"] * len(reqs))
-        if active:
-            t, tk, f = await _run_all(m, [reqs[k] for k in active], sp.stop)
-            for j, k in enumerate(active):
-                texts[k], tokens[k], finishes[k] = t[j], tk[j], f[j]
-        choices = []
-        for k in range(len(reqs)):
-            head_text, head_tokens = heads[k]
-            logprobs = None
-            if lp.on:
-                logprobs = completion_logprobs(tok, head_tokens + tokens[k], lp.top, 0)
-            choices.append({"index": k, "text": head_text + texts[k], "logprobs": logprobs,
-                            "finish_reason": finishes[k]})
-        return {"id": cid, "object": "text_completion", "created": created, "model": m.name, "choices": choices,
-                "usage": _usage(prompt_tokens, sum(len(t) for t in tokens))}
+        return await handle_completions(ctx, request)
 
     @app.post("/v1/score")
     async def score(request: HTTPRequest):
         """Reward-model scores: {"model", "prompt": str | messages, "responses": [str, ...]} (or "response")."""
-        check_api_key(ctx, request)
-        body = await read_json(request)
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise ServeError("'model': expected the model's id as a string", 400, param="model", code="invalid_value")
-        m = ctx.get(model, "reward")
-        p = body.get("prompt")
+        return await handle_score(ctx, request)
+
+
+def handle_health(ctx: ServeContext) -> dict:
+    """GET /health: the served models and each one's requests (active, waiting, finished, cancelled)."""
+    load = {n: {"active": m.scheduler.num_active, "waiting": m.scheduler.num_waiting,
+                "finished": m.scheduler.finished, "cancelled": m.scheduler.cancelled}
+            for n, m in ctx.models.items() if m.scheduler is not None}
+    return {"status": "ok", "models": list(ctx.models), "requests": load}
+
+
+def handle_list_models(ctx: ServeContext, request: HTTPRequest) -> dict:
+    """GET /v1/models: every served model."""
+    check_api_key(ctx, request)
+    return {"object": "list", "data": [
+        {"id": m.name, "object": "model", "created": m.created, "owned_by": "chatforge", "kind": m.kind,
+         "context_length": m.context_length, "root": m.path} for m in ctx.models.values()]}
+
+
+def handle_get_model(ctx: ServeContext, name: str, request: HTTPRequest) -> dict:
+    """GET /v1/models/{name}: one served model."""
+    check_api_key(ctx, request)
+    m = ctx.get(name)
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "chatforge", "kind": m.kind,
+            "context_length": m.context_length, "root": m.path}
+
+
+async def handle_chat_completions(ctx: ServeContext, request: HTTPRequest):
+    """POST /v1/chat/completions: answers to a conversation (streamed as server-sent events when asked)."""
+    check_api_key(ctx, request)
+    body = await read_json(request)
+    sp = read_sampling(body, default_max_tokens=None, min_max_tokens=1)
+    messages = read_messages(body)
+    lp = read_chat_logprobs(body)
+    m = ctx.get(sp.model, "chat")
+    try:
+        prompt = render_prompt(m.tokenizer, messages)
+    except ConversationError as e:
+        raise ServeError(f"'messages': {e}", 400, param="messages", code="invalid_value") from None
+    new = _new_tokens(m, len(prompt), sp.max_tokens, sp.max_tokens_param, "messages")
+    reqs = [Request(prompt=prompt, max_new_tokens=new, temperature=sp.temperature, top_p=sp.top_p,
+                    seed=None if sp.seed is None else sp.seed + i, stop_ids=m.stop_ids, top_logprobs=lp.top)
+            for i in range(sp.n)]
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if sp.stream:
+        return _stream(_chat_chunks(m, reqs, sp.stop, lp, cid, created, len(prompt), sp.include_usage))
+    texts, tokens, finishes = await _run_all(m, reqs, sp.stop)
+    choices = []
+    for i in range(sp.n):
+        choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": {"content": chat_logprob_entries(m.tokenizer, tokens[i], lp.top)}
+                        if lp.on else None,
+                        "finish_reason": finishes[i]})
+    return {"id": cid, "object": "chat.completion", "created": created, "model": m.name, "choices": choices,
+            "usage": _usage(len(prompt), sum(len(t) for t in tokens))}
+
+
+async def handle_completions(ctx: ServeContext, request: HTTPRequest):
+    """POST /v1/completions: continuations of raw prompts (text or token ids), optionally echoed with log-probs."""
+    check_api_key(ctx, request)
+    body = await read_json(request)
+    explicit = body.get("max_tokens") is not None
+    sp = read_sampling(body, default_max_tokens=16, min_max_tokens=0)
+    lp = read_completion_logprobs(body)
+    echo = read_bool(body, "echo")
+    m = ctx.get(sp.model, "chat")
+    tok = m.tokenizer
+    jobs = []  # per prompt: (ids fed to the model, echoed ids, echoed text, new tokens)
+    for p in read_prompts(body, tok.vocab_size):
         if isinstance(p, str):
-            messages = [{"role": "user", "content": p}]
-        elif isinstance(p, list):
-            messages = read_messages({"messages": p})
+            ids = [tok.bos_id] + tok.encode(p)
+            shown, text = ids[1:], p
         else:
-            raise ServeError("'prompt' is required: the user message (a string) or a list of messages", 400,
-                             param="prompt", code="missing_required_parameter")
-        responses = body.get("responses", [body["response"]] if "response" in body else None)
-        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
-            raise ServeError("'responses' is required: a non-empty list of answers (strings) to score", 400,
-                             param="responses", code="missing_required_parameter")
-        tok = m.tokenizer
-        try:
-            p_ids = render_prompt(tok, messages)
-            r_ids = [render_response(tok, r) for r in responses]
-        except ConversationError as e:
-            raise ServeError(f"{e}", 400, param="responses" if "assistant" in str(e) else "prompt",
-                             code="invalid_value") from None
-        for i, r in enumerate(r_ids):
-            if len(p_ids) + len(r) > m.context_length:
-                raise ServeError(f"This model's maximum context length is {m.context_length} tokens. However, the "
-                                 f"prompt and response {i} make {len(p_ids) + len(r)} tokens. Please shorten them.",
-                                 400, param="responses", code="context_length_exceeded")
-        raw, norm = await run_in_threadpool(_score_locked, m, [p_ids] * len(r_ids), r_ids)
-        return {"object": "list", "model": m.name, "normalized": m.normalized, "data": [
-            {"object": "score", "index": i, "score": n, "raw_score": r}
-            for i, (r, n) in enumerate(zip(raw.tolist(), norm.tolist()))]}
+            ids, shown, text = p, p, tok.decode(p)
+        new = _new_tokens(m, len(ids), sp.max_tokens, "max_tokens", "prompt", explicit)
+        jobs.append((ids, shown, text, new))
+    reqs = [Request(prompt=ids, max_new_tokens=new, temperature=sp.temperature, top_p=sp.top_p,
+                    seed=None if sp.seed is None else sp.seed + j, stop_ids=m.stop_ids, top_logprobs=lp.top)
+            for ids, _, _, new in jobs for j in range(sp.n)]
+    echoed: list[list[TokenInfo]] = []
+    if echo and lp.on:
+        for ids, shown, _, _ in jobs:
+            lps, tops = await run_in_threadpool(m.scheduler.call, lambda ids=ids: prompt_logprobs(
+                m.model, ids, lp.top))
+            echoed.append([TokenInfo(i, a, b) for i, a, b in zip(ids, lps, tops)][len(ids) - len(shown):])
+    else:
+        echoed = [[TokenInfo(i, None) for i in shown] for _, shown, _, _ in jobs]
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prompt_tokens = sum(len(ids) for ids, _, _, _ in jobs)
+    heads = [(jobs[k // sp.n][2] if echo else "", echoed[k // sp.n] if echo else []) for k in range(len(reqs))]
+    if sp.stream:
+        return _stream(_completion_chunks(m, reqs, sp.stop, lp, heads, cid, created, prompt_tokens,
+                                          sp.include_usage))
+    active = [k for k, r in enumerate(reqs) if r.max_new_tokens > 0]
+    texts, tokens, finishes = ([""] * len(reqs), [[] for _ in reqs], ["length"] * len(reqs))
+    if active:
+        t, tk, f = await _run_all(m, [reqs[k] for k in active], sp.stop)
+        for j, k in enumerate(active):
+            texts[k], tokens[k], finishes[k] = t[j], tk[j], f[j]
+    choices = []
+    for k in range(len(reqs)):
+        head_text, head_tokens = heads[k]
+        logprobs = None
+        if lp.on:
+            logprobs = completion_logprobs(tok, head_tokens + tokens[k], lp.top, 0)
+        choices.append({"index": k, "text": head_text + texts[k], "logprobs": logprobs,
+                        "finish_reason": finishes[k]})
+    return {"id": cid, "object": "text_completion", "created": created, "model": m.name, "choices": choices,
+            "usage": _usage(prompt_tokens, sum(len(t) for t in tokens))}
+
+
+async def handle_score(ctx: ServeContext, request: HTTPRequest):
+    """POST /v1/score: reward-model scores of responses to one prompt."""
+    """Reward-model scores: {"model", "prompt": str | messages, "responses": [str, ...]} (or "response")."""
+    check_api_key(ctx, request)
+    body = await read_json(request)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ServeError("'model': expected the model's id as a string", 400, param="model", code="invalid_value")
+    m = ctx.get(model, "reward")
+    p = body.get("prompt")
+    if isinstance(p, str):
+        messages = [{"role": "user", "content": p}]
+    elif isinstance(p, list):
+        messages = read_messages({"messages": p})
+    else:
+        raise ServeError("'prompt' is required: the user message (a string) or a list of messages", 400,
+                         param="prompt", code="missing_required_parameter")
+    responses = body.get("responses", [body["response"]] if "response" in body else None)
+    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+        raise ServeError("'responses' is required: a non-empty list of answers (strings) to score", 400,
+                         param="responses", code="missing_required_parameter")
+    tok = m.tokenizer
+    try:
+        p_ids = render_prompt(tok, messages)
+        r_ids = [render_response(tok, r) for r in responses]
+    except ConversationError as e:
+        raise ServeError(f"{e}", 400, param="responses" if "assistant" in str(e) else "prompt",
+                         code="invalid_value") from None
+    for i, r in enumerate(r_ids):
+        if len(p_ids) + len(r) > m.context_length:
+            raise ServeError(f"This model's maximum context length is {m.context_length} tokens. However, the "
+                             f"prompt and response {i} make {len(p_ids) + len(r)} tokens. Please shorten them.",
+                             400, param="responses", code="context_length_exceeded")
+    raw, norm = await run_in_threadpool(_score_locked, m, [p_ids] * len(r_ids), r_ids)
+    return {"object": "list", "model": m.name, "normalized": m.normalized, "data": [
+        {"object": "score", "index": i, "score": n, "raw_score": r}
+        for i, (r, n) in enumerate(zip(raw.tolist(), norm.tolist()))]}
 
 
 def _score_locked(m: ServedModel, p_ids, r_ids):
