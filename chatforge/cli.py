@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-at-eot", action="store_true", help="stop raw sampling at the end of a document")
     s.set_defaults(fn=_sample)
     for name, help_ in (("pipeline", "run every stage into a run directory"), ("chat", "chat in the terminal"),
-                        ("score", "score a response with a reward model"), ("report", "rebuild a run's report card")):
+                        ("score", "score a response with a reward model"), ("report", "rebuild a run's report card"),
+                        ("export", "write TensorBoard event files from a run's metrics.jsonl"),
+                        ("eval", "evaluate a model with lm-evaluation-harness tasks"),
+                        ("compare", "win rate of one model against another on your prompts")):
         try:
             mod = importlib.import_module(f"chatforge.commands.{name}")
         except ModuleNotFoundError:

@@ -134,6 +134,9 @@ class TrainConfig:
     """Show a progress bar."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every metrics.jsonl row (rank 0): any of 'tensorboard', 'wandb',
+    'trackio' (optional packages: pip install 'chatforge[track]'). W&B runs offline unless configured."""
 
 
 @dataclass
