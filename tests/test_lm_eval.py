@@ -10,24 +10,17 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from chatforge import cli  # noqa: E402
-from chatforge.config import load_config  # noqa: E402
 from chatforge.lm_eval.model import ChatforgeLM  # noqa: E402
 from chatforge.lm_eval.tasks.chatforge_data import wikitext_documents  # noqa: E402
-from chatforge.model.gpt import GPT  # noqa: E402
-from chatforge.stages.common import save_model_dir  # noqa: E402
-from chatforge.tokenizer import render_prompt, train_tokenizer  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from chatforge.tokenizer import render_prompt  # noqa: E402
+from tests.micro_models import TEXTS, make_model_dir  # noqa: E402
 
-MICRO = ROOT / "configs" / "micro.yaml"
-TEXTS = ["the film is a charming and often affecting journey .", "it is a bad movie , dull and slow .",
-         "a great story told with wit and warmth .", "the plot is thin and the jokes fall flat ."]
 MC_DOCS = [
     {"question": "Review: a charming and often affecting journey .\nSentiment:", "choices": ["negative", "positive"],
      "answer": 1},
@@ -36,17 +29,6 @@ MC_DOCS = [
     {"question": "Jokes", "choices": [" fall flat", " are told"], "answer": 0},
 ]
 PPL_DOCS = [{"text": TEXTS[0]}, {"text": " ".join(TEXTS * 6)}]  # the second is longer than the context (64)
-
-
-def make_model_dir(out: Path, seed: int, std: float = 0.3) -> Path:
-    """A micro chatforge model directory: a BPE tokenizer trained on TEXTS and a GPT with sharp random weights."""
-    tok = train_tokenizer(TEXTS * 10, 300)
-    cfg = load_config("pretrain", MICRO, [])
-    torch.manual_seed(seed)
-    model = GPT(cfg.model, tok.vocab_size)
-    model.init_weights(std=std)  # larger than the training init: peaked distributions tell models apart
-    save_model_dir(model, out, cfg.model, tok)
-    return out
 
 
 def write_local_tasks(folder: Path) -> Path:
