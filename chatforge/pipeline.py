@@ -44,7 +44,7 @@ UPSTREAM = {"data": [], "tokenizer": ["data"], "pretrain": ["tokenizer"], "sft":
 ALIASES = {"base": "pretrain"}
 PIPELINE_FILE = "pipeline.json"
 VOLATILE = {("train", "progress"), ("train", "threads"), ("train", "device"), ("model", "init"), ("tokenizer", "path"), ("data", "path"),
-            ("data", "val_path"), ("rl", "reward_model")}
+            ("data", "val_path"), ("rl", "reward_model"), ("train", "trackers")}
 
 
 def digest(obj) -> str:

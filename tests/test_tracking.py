@@ -165,3 +165,13 @@ def test_trackio_behind_the_same_interface(tmp_path, monkeypatch):
     log.write({"kind": "samples", "step": 1, "samples": [{"prompt": "p", "response": "r", "reward_raw": 1.0}]})
     log.close()
     assert read_metrics(tmp_path / "sft")[0]["loss"] == 1.5
+
+
+def test_trackers_do_not_change_a_pipeline_fingerprint():
+    """Turning a tracker on for a finished pipeline run does not retrain its stages (export covers them)."""
+    from chatforge.pipeline import config_fingerprint
+
+    plain = load_config("sft", MICRO, [])
+    tracked = load_config("sft", MICRO, ["train.trackers=[tensorboard]"])
+    assert tracked.train.trackers == ["tensorboard"]
+    assert config_fingerprint(plain) == config_fingerprint(tracked)
