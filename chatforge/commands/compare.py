@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
 def _names(args: argparse.Namespace) -> tuple[str, str]:
@@ -50,6 +51,10 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     from chatforge.compare import answers, judge_scores, outcomes, prompt_text, win_rate
     from chatforge.data.prompts import read_prompts
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     records = read_prompts(args.prompts)[: args.limit]
     prompts, sources = [p.messages for p in records], [p.source for p in records]
     name_a, name_b = _names(args)
