@@ -78,3 +78,30 @@ def test_compare_two_micro_models(tmp_path, capsys):
     ref = json.loads((tmp_path / "alpaca_reference.json").read_text())
     assert exported == [{"instruction": p, "output": x, "generator": "a/model"} for p, x in zip(PROMPTS, ans_a)]
     assert [r["output"] for r in ref] == ans_b and {r["generator"] for r in ref} == {"b/model"}
+
+
+def test_compare_with_a_reward_model_judge(tmp_path):
+    """A reward-model directory as the judge: the outcomes follow its raw scores of each (prompt, answer)."""
+    from chatforge.model.heads import ScalarModel
+    from chatforge.rl.reward import RewardModelScorer
+    from chatforge.stages.common import save_model_dir
+
+    a = make_model_dir(tmp_path / "a", seed=1)
+    b = make_model_dir(tmp_path / "b", seed=2)
+    policy, cfg, tok = load_causal_lm(a)
+    rm = ScalarModel.from_trunk(policy, score_std=1.0)
+    save_model_dir(rm, tmp_path / "rm", cfg, tok)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:6]))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", str(a), str(b), "--prompts", str(prompts), "--judge", str(tmp_path / "rm"),
+                  "--out", str(tmp_path / "cmp"), "--max-new-tokens", "8"])
+    assert e.value.code == 0
+    rows = [json.loads(x) for x in (tmp_path / "cmp" / "compare.jsonl").read_text().splitlines()]
+    scorer = RewardModelScorer(tmp_path / "rm", normalize=False)
+    ra, _ = scorer.score_text(PROMPTS[:6], [r["a"] for r in rows])
+    rb, _ = scorer.score_text(PROMPTS[:6], [r["b"] for r in rows])
+    assert [r["score_a"] for r in rows] == pytest.approx(ra.tolist())
+    assert [r["outcome"] for r in rows] == outcomes(ra.tolist(), rb.tolist())
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert summary["win_rate"] == pytest.approx(sum(outcomes(ra.tolist(), rb.tolist())) / 6)
