@@ -116,14 +116,13 @@ class ChatforgeLM(TemplateLM):
     # ---- scoring -----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _forward_logprobs(self, inputs: list[list[int]]) -> torch.Tensor:
-        """log-softmax of the model on right-padded rows -> (B, T, V) fp32 (causal: padding is never read)."""
+    def _forward_logits(self, inputs: list[list[int]]) -> torch.Tensor:
+        """The model's logits on right-padded rows -> (B, T, V) (causal: padding is never read)."""
         T = max(len(x) for x in inputs)
         idx = torch.zeros((len(inputs), T), dtype=torch.long)  # (B, T)
         for i, x in enumerate(inputs):
             idx[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        logits = self.model(idx.to(self.device))  # (B, T, V)
-        return F.log_softmax(logits.float(), dim=-1)
+        return self.model(idx.to(self.device))  # (B, T, V)
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
@@ -141,10 +140,11 @@ class ChatforgeLM(TemplateLM):
                     raise ValueError("an empty continuation cannot be scored")
                 inputs.append((ctx + cont)[-(self.max_length + 1):][:-1])  # predicts every continuation token
                 conts.append(cont)
-            logp = self._forward_logprobs(inputs)  # (B, T, V)
+            logits = self._forward_logits(inputs)  # (B, T, V)
             for row, i in enumerate(chunk):
                 n, cont = len(inputs[row]), conts[row]
-                lp = logp[row, n - len(cont): n]  # (len(cont), V): the positions that predict the continuation
+                # (len(cont), V): log-probs at the positions that predict the continuation
+                lp = F.log_softmax(logits[row, n - len(cont): n].float(), dim=-1)
                 target = torch.tensor(cont, device=lp.device)
                 score = float(lp.gather(-1, target[:, None]).sum())
                 greedy = bool((lp.argmax(-1) == target).all())
