@@ -32,6 +32,9 @@ TOOL_COMMANDS = (  # (name, one-line help): chatforge/commands/<name>.py with ad
     ("score", "score responses with a reward model"),
     ("report", "rebuild a run's report card"),
     ("serve", "serve models over an OpenAI-compatible API, with a web chat and a labelling page"),
+    ("export", "write TensorBoard event files from a run's metrics.jsonl"),
+    ("eval", "evaluate a model with lm-evaluation-harness tasks"),
+    ("compare", "win rate of one model against another on your prompts"),
 )
 TAKES_OVERRIDES = STAGE_COMMANDS + ("pipeline",)
 """Commands whose extra ``--section.key=value`` words are config overrides."""

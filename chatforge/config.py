@@ -153,6 +153,9 @@ class TrainConfig:
     restart: bool = False
     """Start over in --out: remove the run that is there (its checkpoint, metrics, weights, chatforge.json) instead
     of resuming it (a run resumes only with the inputs its checkpoint was written for)."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every metrics.jsonl row (rank 0): any of 'tensorboard', 'wandb',
+    'trackio' (optional packages: pip install 'chatforge[track]'). W&B runs offline unless configured."""
 
 
 @dataclass

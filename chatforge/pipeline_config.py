@@ -9,9 +9,9 @@ from chatforge.config import PIPELINE_SECTIONS, Config, ConfigError, to_dict
 
 VOLATILE = {("train", "progress"), ("train", "restart"), ("train", "threads"), ("train", "device"), ("model", "init"), ("tokenizer", "path"), ("data", "path"),
             ("data", "val_path"), ("rl", "reward_model")}
-# Fields that cannot change a stage's result (where caches live, how a corpus is cut into shards; the pipeline
+# Fields that cannot change a stage's result (where its rows are also logged, where caches live, how a corpus is cut into shards; the pipeline
 # trains the tokenizer in its own step, so the pretrain stage's sample size is never used).
-VOLATILE |= {("data", "cache_dir"), ("data", "shard_tokens"), ("tokenizer", "sample_chars")}
+VOLATILE |= {("data", "cache_dir"), ("data", "shard_tokens"), ("tokenizer", "sample_chars"), ("train", "trackers")}
 # Config fields added after run directories existed, each with the value that gives the behaviour from before it
 # existed: at that value a field is left out of the fingerprint, so adding a field does not rerun finished stages.
 SINCE_ADDED = {("data", "val_split"): "tail", ("data", "mixture"): []}

@@ -113,7 +113,7 @@ class Trainer:
         self.peak = peak_flops(info.device)
         self.step = 0
         self.elapsed = 0.0
-        self.log = MetricsLog(self.out, info.is_main)
+        self.log = MetricsLog(self.out, info.is_main, cfg)
         self._stop = False
 
     # ---- pieces a step function uses -------------------------------------------------
@@ -383,6 +383,7 @@ class Trainer:
                 if resumed and not last_eval:
                     last_eval = self._evaluate(eval_fn)
         finally:
+            self.log.close()
             if bar is not None:
                 bar.close()
         return {"train": last_train, "eval": last_eval}
