@@ -15,7 +15,7 @@ and any layer below it):
     7  stages.*                                                  each stage's algorithm
     8  steps, demo_steps, comparisons, recipe_eval, pipeline, pipeline_graph, pipeline_config, recipe_plan,
        recipe_steps, report, report_run, report_plots, report_markdown,
-       commands.*, serve.*, lm_eval.*, cli, __main__
+       commands.*, compare, serve.*, lm_eval.*, cli, __main__
 A new module is given its layer here (the test names a module it does not know).
 """
 
@@ -42,7 +42,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (8, ("chatforge.steps", "chatforge.demo_steps", "chatforge.comparisons", "chatforge.recipe_eval",
          "chatforge.pipeline", "chatforge.pipeline_graph", "chatforge.pipeline_config",
          "chatforge.recipe_plan", "chatforge.recipe_steps", "chatforge.report", "chatforge.report_run", "chatforge.report_plots",
-         "chatforge.report_markdown", "chatforge.commands", "chatforge.serve", "chatforge.lm_eval",
+         "chatforge.report_markdown", "chatforge.commands", "chatforge.compare", "chatforge.serve", "chatforge.lm_eval",
          "chatforge.cli", "chatforge.__main__")),
 ]
 
