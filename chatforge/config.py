@@ -229,7 +229,7 @@ class RLConfig:
     (as TRL; never more than the same response finished); 'replace': it scores missing_eos_penalty itself."""
     weight_decay: Optional[float] = None
     """AdamW weight decay of the actor and critic; None = optim.weight_decay."""
-    grpo_eps: float = 1e-6
+    grpo_eps: float = 1e-4
     """GRPO advantage (r - mean) / (std + eps): eps keeps near-tied groups from being blown up to +-1."""
     whiten_advantages: bool = True
     """Whiten advantages over the (global) batch."""

@@ -252,11 +252,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, advantages + values
 
 
-def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, scale: bool = True) -> Tensor:
+def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> Tensor:
     """Group-relative advantages (GRPO): (r - group mean) / (group std + eps).
 
     rewards (N*G,) grouped consecutively, or (N, G) -> (N*G,). std is torch.std, i.e. unbiased (n - 1), as in
-    TRL. scale=False gives r - group mean (Dr. GRPO). A group whose
+    TRL; eps = 1e-4 (TRL's) keeps a near-tied group (std << eps, e.g. rewards equal but for rounding) near 0
+    instead of blowing its differences up to order 1. scale=False gives r - group mean (Dr. GRPO). A group whose
     rewards are all equal gets exactly 0.
     """
     if group_size < 2 or rewards.numel() % group_size != 0:

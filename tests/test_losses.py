@@ -430,3 +430,16 @@ def test_entropy_in_chunks_equals_the_unchunked_formula():
         L.entropy_from_logits(logits, chunk_size=4)
     assert seen and all(s[0] <= 4 and len(s) == 2 for s in seen)  # (<= 4, V) pieces, never (B, T, V)
 
+
+def test_grpo_eps_keeps_near_tied_groups_small():
+    """Default eps 1e-4 (TRL's): a group tied but for a 2**-20 rounding difference gets advantages below 1e-2, not
+    the 0.48 that a 1e-6 eps makes of it; a well-spread group moves by 1e-4 relative only."""
+    near = torch.tensor([1.0, 1.0 + 2**-20, 1.0, 1.0])  # unbiased std = 2**-21 (about 4.8e-7)
+    std = near.std().item()
+    adv = L.grpo_advantages(near, 4)
+    # by hand: the odd one out is 0.75 * 2**-20 above the mean -> 7.15e-7 / (4.8e-7 + 1e-4) = 7.1e-3
+    assert adv[1].item() == pytest.approx(0.75 * 2**-20 / (std + 1e-4), rel=1e-5)
+    assert adv.abs().max().item() < 0.01
+    assert L.grpo_advantages(near, 4, eps=1e-6).abs().max().item() > 0.4  # the old eps: 0.48, a tie blown up
+    spread = torch.tensor([0.0, 1.0, 2.0])  # std 1
+    torch.testing.assert_close(L.grpo_advantages(spread, 3), torch.tensor([-1.0, 0.0, 1.0]) / (1 + 1e-4))

@@ -42,7 +42,7 @@ def resolve_algo(rl) -> str:
     return algo
 
 
-def advantages(score: torch.Tensor, algo: str, G: int, eps: float = 1e-6) -> torch.Tensor:
+def advantages(score: torch.Tensor, algo: str, G: int, eps: float = 1e-4) -> torch.Tensor:
     """One advantage per response (N*G,) from its group's scores: GRPO (r - mean) / (std + eps), RLOO r - the
     mean of the other G - 1."""
     if algo == "grpo":
