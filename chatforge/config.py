@@ -227,8 +227,9 @@ class RLConfig:
     missing_eos_mode: str = "subtract"
     """'subtract': an unfinished response scores its (clipped) reward + missing_eos_penalty, i.e. |penalty| less
     (as TRL; never more than the same response finished); 'replace': it scores missing_eos_penalty itself."""
-    weight_decay: Optional[float] = None
-    """AdamW weight decay of the actor and critic; None = optim.weight_decay."""
+    weight_decay: Optional[float] = 0.0
+    """AdamW weight decay of the actor and critic (PPO/GRPO/RLOO use this instead of optim.weight_decay: the KL
+    term, not decay, keeps the policy near its start; 0 as in TRL's RL trainers). None = optim.weight_decay."""
     grpo_eps: float = 1e-4
     """GRPO advantage (r - mean) / (std + eps): eps keeps near-tied groups from being blown up to +-1."""
     whiten_advantages: bool = True

@@ -289,3 +289,12 @@ def test_ppo_bad_input_errors(tmp_path, world):
         ppo.run(load_config("ppo", MICRO, rl_overrides(world, 1, f"rl.reward_model={world['policy']}",
                                                        "rl.reward_fn=null")), tmp_path / "d")
 
+
+def test_ppo_actor_and_critic_have_no_weight_decay_by_default(tmp_path, world, monkeypatch):
+    from tests.test_grpo import record_optimizers
+
+    made = record_optimizers(monkeypatch)
+    ppo.run(load_config("ppo", MICRO, rl_overrides(world, 1, "rl.prompts_per_step=2", "rl.max_new_tokens=4",
+                                                   "rl.ppo_epochs=1", "optim.weight_decay=0.1")), tmp_path / "ppo")
+    assert len(made) == 2  # actor, critic
+    assert all(g["weight_decay"] == 0.0 for opt in made for g in opt.param_groups)
