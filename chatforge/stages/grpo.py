@@ -3,7 +3,7 @@
 One trainer step = one rollout batch + its update epochs:
   1. rollout    rl.prompts_per_step prompts per rank, each sampled rl.group_size times (the engine, one batch),
                 old log-probs (actor) and, when rl.grpo_kl_coef > 0, reference log-probs (frozen SFT)
-  2. advantages one score per response (normalised reward, clipped, or rl.missing_eos_penalty when it never
+  2. advantages one score per response (normalised reward, clipped, + rl.missing_eos_penalty when it never
                 ended), then per group: GRPO (r - mean) / (std + rl.grpo_eps) (0 for a group of equal rewards), or
                 RLOO r - mean of the other G - 1; the same advantage on every token of the response
   3. updates    rl.ppo_epochs x rl.minibatches of the clipped objective averaged per token ('token': all

@@ -3,7 +3,7 @@
 One trainer step = one rollout batch + its PPO epochs:
   1. rollout    rl.prompts_per_step prompts per rank -> responses (engine, KV cache, stop at <|end|>),
                 old log-probs (actor), reference log-probs (frozen SFT), values (critic), scores (reward)
-  2. rewards    score (normalised RM reward, clipped, or rl.missing_eos_penalty when no <|end|>) on the last
+  2. rewards    score (normalised RM reward, clipped, + rl.missing_eos_penalty when no <|end|>) on the last
                 response token, -beta * KL(actor || ref) per token (k1 or k3); beta fixed or adaptive
   3. advantages GAE (gamma, lambda) on the critic's values, whitened with global statistics
   4. updates    rl.ppo_epochs x rl.minibatches: clipped policy loss + rl.vf_coef * clipped value loss,
