@@ -231,12 +231,9 @@ def test_ppo_exact_resume(tmp_path, world, monkeypatch):
     assert len({r["beta"] for r in full}) == 4  # the adaptive controller moved beta every step (and resumed it)
 
 
-def test_ppo_with_reward_model_critic_starts_from_the_rm(tmp_path, world):
-    """--rl.reward_model: the critic is the RM (trunk and head) with its normalisation folded in, so its initial
-    values at a sequence's last token equal the normalised rewards (raw - mean) / std that the returns are built
-    from; the scores PPO logs are (raw - mean) / std too."""
+def reward_model_dir(world, tmp_path):
+    """(a reward model on the micro policy's trunk, its directory with reward_norm mean 0.25 std 2, tokenizer)."""
     from chatforge.checkpoint import atomic_write_json
-    from chatforge.model.heads import gather_last, score_sequences
     from chatforge.model.hf import save_model
     from chatforge.model.load import load_causal_lm, scalar_from_causal
     from chatforge.model.save import special_ids
@@ -248,6 +245,28 @@ def test_ppo_with_reward_model_critic_starts_from_the_rm(tmp_path, world):
     save_model(rm, rm_dir, mcfg, tok.vocab_size, special_ids(tok))
     tok.save(rm_dir)
     atomic_write_json(rm_dir / "chatforge.json", {"stage": "rm", "reward_norm": {"mean": 0.25, "std": 2.0}})
+    return rm.eval(), rm_dir, tok
+
+
+def test_critic_from_the_rm_with_lora_starts_normalised(tmp_path, world):
+    """With LoRA adapters on the critic (zero at the start) the folded head still gives (raw - mean) / std."""
+    rm, rm_dir, tok = reward_model_dir(world, tmp_path)
+    cfg = load_config("ppo", MICRO, rl_overrides(world, 1, f"rl.reward_model={rm_dir}", "rl.reward_fn=null",
+                                                 "lora.r=4"))
+    critic = ppo.build_critic(cfg, None, torch.device("cpu"), (0.25, 2.0))
+    ids = torch.tensor([[tok.bos_id, 40, 41, 42, tok.end_id]])
+    with torch.no_grad():
+        torch.testing.assert_close(critic(ids), (rm(ids) - 0.25) / 2.0, rtol=1e-5, atol=1e-6)
+    assert any("lora" in n for n, _ in critic.named_parameters())
+
+
+def test_ppo_with_reward_model_critic_starts_from_the_rm(tmp_path, world):
+    """--rl.reward_model: the critic is the RM (trunk and head) with its normalisation folded in, so its initial
+    values at a sequence's last token equal the normalised rewards (raw - mean) / std that the returns are built
+    from; the scores PPO logs are (raw - mean) / std too."""
+    from chatforge.model.heads import score_sequences
+
+    rm, rm_dir, tok = reward_model_dir(world, tmp_path)
     seqs = [[tok.bos_id, 40, 41, 42, tok.end_id], [50, 51, tok.end_id], [60, 61, 62]]
     raw = score_sequences(rm.eval(), seqs, tok.pad_id)  # (3,) the reward model's raw scores
     seen = {}

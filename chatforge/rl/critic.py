@@ -19,18 +19,24 @@ import torch
 from torch import nn
 
 
-class NormalisedCritic(nn.Module):
-    """A scalar model (ids (B, T) -> (B, T)) whose outputs are ``(raw - mean) / std`` at the start."""
+def fold_scale(scorer: nn.Module, std: float) -> nn.Module:
+    """Divide the score head's weight (1, d) by ``std``, in place (before LoRA wraps the model); returns it."""
+    if not std > 0:
+        raise ValueError(f"fold_scale: reward std must be > 0, got {std}")
+    with torch.no_grad():
+        scorer.score.weight.div_(std)  # (1, d): w / std
+    return scorer
 
-    def __init__(self, scorer: nn.Module, mean: float, std: float):
+
+class NormalisedCritic(nn.Module):
+    """A scalar model (ids (B, T) -> (B, T)) plus a trainable scalar shift: with :func:`fold_scale` applied to it
+    and ``shift = -mean / std``, its outputs are ``(raw - mean) / std`` at the start."""
+
+    def __init__(self, scorer: nn.Module, shift: float):
         super().__init__()
-        if not std > 0:
-            raise ValueError(f"NormalisedCritic: reward std must be > 0, got {std}")
-        head = scorer.score
-        with torch.no_grad():
-            head.weight.div_(std)  # (1, d): w / std
         self.scorer = scorer
-        self.shift = nn.Parameter(torch.full((1,), -mean / std, dtype=torch.float32, device=head.weight.device))
+        device = next(scorer.parameters()).device
+        self.shift = nn.Parameter(torch.full((1,), float(shift), dtype=torch.float32, device=device))
 
     @property
     def model(self) -> nn.Module:

@@ -25,7 +25,7 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.model.load import load_scalar_model, scalar_from_causal
 from chatforge.model.lora import apply_lora
-from chatforge.rl.critic import NormalisedCritic
+from chatforge.rl.critic import NormalisedCritic, fold_scale
 from chatforge.rl.kl_controller import make_kl_controller
 from chatforge.rl.reward import RewardModelScorer
 from chatforge.rl.prompts import PromptLoader, load_prompt_set
@@ -48,9 +48,11 @@ def build_critic(cfg: Config, actor: torch.nn.Module, device: torch.device,
     so that it starts on the scale of the returns, which are built from normalised rewards."""
     if cfg.rl.reward_model:
         critic, _, _ = load_scalar_model(cfg.rl.reward_model, device, trust_remote_code=cfg.model.trust_remote_code)
+        if reward_norm is not None:
+            fold_scale(critic, reward_norm[1])  # w / std, before LoRA wraps the head's model
         critic = disable_dropout(apply_lora(critic, cfg.lora)).to(device)
         if reward_norm is not None:
-            critic = NormalisedCritic(critic, *reward_norm)
+            critic = NormalisedCritic(critic, -reward_norm[0] / reward_norm[1])  # + (-mean / std)
         return critic
     critic = scalar_from_causal(actor, score_std=0.0)  # a LoRA actor gives its merged trunk
     return disable_dropout(apply_lora(critic, cfg.lora)).to(device)
