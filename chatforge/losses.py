@@ -44,14 +44,23 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) ->
     return torch.stack(out)  # (B, T)
 
 
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0, chunk_size: int = 128) -> Tensor:
     """Entropy of softmax(logits / temperature) in nats, in fp32. logits (B, T, V) -> (B, T).
 
-    H = logsumexp(z) - sum_v p_v z_v.
+    H = logsumexp(z) - sum_v p_v z_v, computed ``chunk_size`` positions at a time over the flattened (B*T) rows,
+    so the fp32 copies (z, p) are (chunk_size, V), never a full (B, T, V) softmax (as TRL's
+    entropy_from_logits(chunk_size=...)).
     """
-    z = logits.float() / temperature  # (B, T, V)
-    p = torch.softmax(z, dim=-1)  # (B, T, V)
-    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)  # (B, T)
+    flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
+    out = []
+    for rows in flat.split(max(1, chunk_size)):  # (c, V)
+        z = rows.float() / temperature  # (c, V) fp32
+        lse = torch.logsumexp(z, dim=-1)  # (c,)
+        p = torch.exp(z - lse.unsqueeze(-1))  # (c, V)
+        out.append(lse - (p * z).sum(-1))  # (c,)
+    if not out:
+        return logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
+    return torch.cat(out).reshape(logits.shape[:-1])  # (B, T)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,11 +252,13 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, advantages + values
 
 
-def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, scale: bool = True) -> Tensor:
+def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> Tensor:
     """Group-relative advantages (GRPO): (r - group mean) / (group std + eps).
 
     rewards (N*G,) grouped consecutively, or (N, G) -> (N*G,). std is torch.std, i.e. unbiased (n - 1), as in
-    TRL. scale=False gives r - group mean (Dr. GRPO). A group whose rewards are all equal gets exactly 0.
+    TRL; eps = 1e-4 (TRL's) keeps a near-tied group (std << eps, e.g. rewards equal but for rounding) near 0
+    instead of blowing its differences up to order 1. scale=False gives r - group mean (Dr. GRPO). A group whose
+    rewards are all equal gets exactly 0.
     """
     if group_size < 2 or rewards.numel() % group_size != 0:
         raise ValueError(f"chatforge.losses.grpo_advantages: {rewards.numel()} rewards do not split into groups of {group_size} (need >= 2)")

@@ -24,14 +24,17 @@ def lr_multiplier(step: int, oc: OptimConfig, max_steps: int) -> float:
     return oc.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - oc.min_lr_ratio)
 
 
-def make_optimizer(model: nn.Module, lr: float, oc: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weight matrices only (not on norms, biases or embeddings)."""
+def make_optimizer(model: nn.Module, lr: float, oc: OptimConfig, device: torch.device,
+                   weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW with weight decay on weight matrices only (not on norms, biases or embeddings); ``weight_decay``
+    overrides ``oc.weight_decay`` (the RL stages pass rl.weight_decay)."""
+    wd = oc.weight_decay if weight_decay is None else weight_decay
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     fused = oc.fused and device.type in ("cuda", "cpu")
     try:

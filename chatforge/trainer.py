@@ -89,11 +89,13 @@ class Trainer:
         state: Optional[dict[str, Any]] = None,
         flops_per_token: float = 0.0,
         model_cfg: Optional[ModelConfig] = None,
+        weight_decay: Optional[float] = None,
     ):
         """``models``: the trainable modules by role (already on ``info.device``); ``lrs``: per-role
         peak learning rates (default optim.lr); ``state``: extra objects with
         ``state_dict``/``load_state_dict`` saved in checkpoints (data loaders, KL controllers); ``model_cfg``: the
-        trained model's shape when it is not cfg.model's (a starting model's own), checked on resume."""
+        trained model's shape when it is not cfg.model's (a starting model's own), checked on resume;
+        ``weight_decay``: AdamW's decay of every model here instead of optim.weight_decay (rl.weight_decay)."""
         self.cfg, self.out, self.info = cfg, Path(out), info
         self.model_cfg = model_cfg or cfg.model
         self.raw = dict(models)
@@ -106,7 +108,8 @@ class Trainer:
             self.models[name] = D.wrap(m, info, cfg.dist.strategy, mixed_bf16=self.amp_dtype is not None)
         lrs = lrs or {}
         self.optimizers = {
-            name: make_optimizer(self.models[name], lrs.get(name, cfg.optim.lr), cfg.optim, info.device) for name in self.models
+            name: make_optimizer(self.models[name], lrs.get(name, cfg.optim.lr), cfg.optim, info.device,
+                                 weight_decay) for name in self.models
         }
         self.state = state or {}
         self.flops_per_token = flops_per_token

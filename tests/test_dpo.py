@@ -93,3 +93,59 @@ def test_dpo_config_errors(micro_base, pairs_file, tmp_path):
         dpo.run(load_config("dpo", MICRO, [f"data.path=[{pairs_file}]"]), tmp_path / "a")
     with pytest.raises(ConfigError, match="beta"):
         dpo.run(dpo_cfg(micro_base, pairs_file, "dpo.beta=0"), tmp_path / "b")
+
+
+def test_step0_is_log2_with_bf16_autocast_and_precomputed_reference(micro_base, pairs_file, tmp_path):
+    """The precomputed reference log-probs run under the policy's autocast (bf16 here, which the CPU has too): at
+    step 0 policy == reference, so every pair ties and the loss is log 2, exactly as without autocast."""
+    args = ("train.max_steps=1", "train.eval_every=1", "data.max_examples=48", "train.dtype=bf16")
+    dpo.run(dpo_cfg(micro_base, pairs_file, *args, "dpo.precompute_ref=true"), tmp_path / "pre")
+    first, ev = rows(tmp_path / "pre", "train")[0], rows(tmp_path / "pre", "eval")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["reward_chosen"] == 0.0 and first["reward_rejected"] == 0.0 and first["chosen_drift"] == 0.0
+    assert first["accuracy"] == 0.0  # every pair ties
+    # the held-out pairs after one step compare the bf16 policy with a bf16 reference: same as computed live
+    dpo.run(dpo_cfg(micro_base, pairs_file, *args), tmp_path / "live")
+    live = rows(tmp_path / "live", "eval")[0]
+    assert ev["val_loss"] == pytest.approx(live["val_loss"], abs=1e-6)
+
+
+def test_dropout_of_the_starting_model_is_off(micro_base, pairs_file, tmp_path):
+    """A starting model saved with dropout: policy and reference are compared forward to forward, so dropout is
+    off in both (as TRL) and the step-0 loss is still exactly log 2; the saved model records no dropout."""
+    import shutil
+
+    base = tmp_path / "base_dropout"
+    shutil.copytree(micro_base, base)
+    conf = json.loads((base / "config.json").read_text())
+    conf["attention_dropout"] = 0.3
+    (base / "config.json").write_text(json.dumps(conf))
+    dpo.run(dpo_cfg(base, pairs_file, "train.max_steps=1", "train.eval_every=0", "data.max_examples=32"),
+            tmp_path / "dpo")
+    first = rows(tmp_path / "dpo", "train")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["chosen_drift"] == pytest.approx(0, abs=1e-7)
+    assert json.loads((tmp_path / "dpo" / "config.json").read_text())["attention_dropout"] == 0.0
+
+
+def test_ipo_implicit_rewards_are_the_per_token_averages_of_its_loss(micro_base):
+    """IPO's loss uses per-token averaged log-probs; its logged implicit rewards (margin, accuracy) come from the
+    same averages: beta * (sum log pi / n - sum log ref / n), per response."""
+    from chatforge.data.pairs import TokenPair, collate_pairs
+    from chatforge.model.load import load_causal_lm
+
+    model, _, tok = load_causal_lm(micro_base, "cpu")
+    model.eval()
+    pairs = [TokenPair([5, 6, 7], [8, 9, tok.end_id], [10, 11, 12, 13, 14, tok.end_id], "t:1"),
+             TokenPair([5, 9], [20, 21, 22, 23, tok.end_id], [24, tok.end_id], "t:2")]
+    batch = collate_pairs(pairs, tok.pad_id)
+    with torch.no_grad():
+        pi, n = dpo.response_logps(model, batch)  # (4,), (4,)
+        assert n.tolist() == [3.0, 5.0, 6.0, 2.0]
+        rf = pi - torch.tensor([0.3, -0.6, 1.2, 0.4])  # a reference that differs per response
+        beta = 0.5
+        l, rc, rr, *_ = dpo.pair_terms(model, batch, rf, beta, "ipo")
+    avg_c, avg_r = (pi[:2] - rf[:2]) / n[:2], (pi[2:] - rf[2:]) / n[2:]
+    torch.testing.assert_close(rc, beta * avg_c)  # [0.5 * 0.1, 0.5 * -0.12]
+    torch.testing.assert_close(rr, beta * avg_r)  # [0.5 * 0.2, 0.5 * 0.2]
+    torch.testing.assert_close(rc, torch.tensor([0.05, -0.06]))
+    torch.testing.assert_close(l, (avg_c - avg_r - 1 / (2 * beta)) ** 2)

@@ -54,3 +54,29 @@ def test_grpo_config_errors(tmp_path, world):
         grpo.run(load_config("grpo", MICRO, rl_overrides(world, 1, "rl.group_size=1")), tmp_path / "a")
     with pytest.raises(ConfigError, match="exactly one"):
         grpo.run(load_config("grpo", MICRO, rl_overrides(world, 1, "rl.reward_fn=null")), tmp_path / "b")
+
+
+def record_optimizers(monkeypatch) -> list:
+    """Every optimizer the trainer makes, in order (actor first, then the critic in PPO)."""
+    import chatforge.trainer as trainer_mod
+
+    made, real = [], trainer_mod.make_optimizer
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(trainer_mod, "make_optimizer", spy)
+    return made
+
+
+def test_rl_actor_has_no_weight_decay_by_default(tmp_path, world, monkeypatch):
+    """RL-specific default: rl.weight_decay = 0 (the KL term keeps the policy near its start, as in TRL), whatever
+    optim.weight_decay the shared sections set; rl.weight_decay applies when given."""
+    made = record_optimizers(monkeypatch)
+    short = ("rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=4", "rl.ppo_epochs=1",
+             "optim.weight_decay=0.1")
+    grpo.run(load_config("grpo", MICRO, rl_overrides(world, 1, *short)), tmp_path / "a")
+    assert len(made) == 1 and [g["weight_decay"] for g in made[0].param_groups] == [0.0, 0.0]
+    grpo.run(load_config("grpo", MICRO, rl_overrides(world, 1, *short, "rl.weight_decay=0.05")), tmp_path / "b")
+    assert [g["weight_decay"] for g in made[1].param_groups] == [0.05, 0.0]  # matrices only

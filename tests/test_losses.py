@@ -401,3 +401,45 @@ def test_shape_mismatch_errors_name_the_function():
         L.gae(torch.zeros(1, 3), torch.zeros(1, 4), torch.ones(1, 3))
     with pytest.raises(ValueError, match="bradley_terry"):
         L.bradley_terry(torch.zeros(2), torch.zeros(3))
+
+
+def test_entropy_in_chunks_equals_the_unchunked_formula():
+    """Chunked over (B*T) rows (fp32 copies of chunk_size x V, never the whole (B, T, V)): every chunk size gives
+    the one-shot logsumexp(z) - sum softmax(z) * z, also for bf16 logits and a chunk that does not divide B*T."""
+    import unittest.mock as mock
+
+    torch.manual_seed(3)
+    logits = torch.randn(3, 5, 11) * 4
+    z = logits / 0.7
+    full = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)  # (3, 5): the unchunked formula
+    for chunk in (1, 4, 15, 1000):
+        got = L.entropy_from_logits(logits, temperature=0.7, chunk_size=chunk)
+        assert got.shape == (3, 5) and got.dtype == torch.float32
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    half = logits.to(torch.bfloat16)
+    zh = half.float() / 0.7
+    torch.testing.assert_close(L.entropy_from_logits(half, 0.7, chunk_size=4),
+                               torch.logsumexp(zh, -1) - (torch.softmax(zh, -1) * zh).sum(-1), rtol=1e-5, atol=1e-5)
+    seen, real_logsumexp = [], torch.logsumexp
+
+    def spy(x, dim):
+        seen.append(tuple(x.shape))
+        return real_logsumexp(x, dim)
+
+    with mock.patch.object(L.torch, "logsumexp", spy):
+        L.entropy_from_logits(logits, chunk_size=4)
+    assert seen and all(s[0] <= 4 and len(s) == 2 for s in seen)  # (<= 4, V) pieces, never (B, T, V)
+
+
+def test_grpo_eps_keeps_near_tied_groups_small():
+    """Default eps 1e-4 (TRL's): a group tied but for a 2**-20 rounding difference gets advantages below 1e-2, not
+    the 0.48 that a 1e-6 eps makes of it; a well-spread group moves by 1e-4 relative only."""
+    near = torch.tensor([1.0, 1.0 + 2**-20, 1.0, 1.0])  # unbiased std = 2**-21 (about 4.8e-7)
+    std = near.std().item()
+    adv = L.grpo_advantages(near, 4)
+    # by hand: the odd one out is 0.75 * 2**-20 above the mean -> 7.15e-7 / (4.8e-7 + 1e-4) = 7.1e-3
+    assert adv[1].item() == pytest.approx(0.75 * 2**-20 / (std + 1e-4), rel=1e-5)
+    assert adv.abs().max().item() < 0.01
+    assert L.grpo_advantages(near, 4, eps=1e-6).abs().max().item() > 0.4  # the old eps: 0.48, a tie blown up
+    spread = torch.tensor([0.0, 1.0, 2.0])  # std 1
+    torch.testing.assert_close(L.grpo_advantages(spread, 3), torch.tensor([-1.0, 0.0, 1.0]) / (1 + 1e-4))

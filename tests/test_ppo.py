@@ -84,10 +84,10 @@ def test_tokens_after_end_are_masked_and_missing_eos_detected():
 
 def test_reward_on_last_response_token_and_missing_eos_penalty():
     b = build_batch([[0, 3, 7, 4], [0, 3, 4]], [[20, 21, END], [30, 31, 32, 33]], PAD, END)
-    rl = SimpleNamespace(reward_clip=None, missing_eos_penalty=-1.0)
+    rl = SimpleNamespace(reward_clip=None, missing_eos_penalty=-1.0, missing_eos_mode="replace")
     norm = torch.tensor([0.5, 0.7])
     score = final_scores(norm, b.finished, rl)
-    assert score.tolist() == [0.5, -1.0]  # row 1 never ended: the penalty replaces its 0.7
+    assert score.tolist() == [0.5, -1.0]  # row 1 never ended: in 'replace' mode the penalty replaces its 0.7
     kl = torch.tensor([[0.1, 0.2, 0.3, 0.9], [0.1, 0.1, 0.1, 0.1]]) * b.response_mask  # (B, R)
     rewards, non_score = losses.rlhf_rewards(score, kl, b.response_mask, kl_coef=0.5)
     expected = torch.tensor([[-0.05, -0.1, -0.15 + 0.5, 0.0], [-0.05, -0.05, -0.05, -0.05 - 1.0]])
@@ -98,6 +98,32 @@ def test_reward_on_last_response_token_and_missing_eos_penalty():
     assert clipped.tolist() == [2.0, -2.0]
     off = final_scores(norm, b.finished, SimpleNamespace(reward_clip=None, missing_eos_penalty=None))
     torch.testing.assert_close(off, norm)
+
+
+def test_missing_eos_penalty_subtracts_by_default_and_keeps_the_ordering():
+    """Default (TRL's): an unfinished response scores its reward minus |penalty|, never more than the same response
+    finished; 'replace' gives the penalty itself, so a finished answer scored below it loses to any unfinished one."""
+    from chatforge.config import RLConfig, load_config
+
+    rl = RLConfig()
+    assert rl.missing_eos_mode == "subtract" and rl.missing_eos_penalty == -1.0
+    norm = torch.tensor([-3.0, -0.5, 0.0, 0.8, 2.5, 7.0])  # normalised rewards, some beyond +-1
+    done, never = final_scores(norm, torch.ones(6, dtype=torch.bool), rl), final_scores(norm, torch.zeros(6, dtype=torch.bool), rl)
+    torch.testing.assert_close(done, norm)
+    torch.testing.assert_close(never, norm - 1.0)  # the penalty is subtracted: 1 less than finished, always
+    assert (never < done).all()
+    clipped = final_scores(norm, torch.zeros(6, dtype=torch.bool), RLConfig(reward_clip=2.0))
+    assert (clipped < final_scores(norm, torch.ones(6, dtype=torch.bool), RLConfig(reward_clip=2.0))).all()  # clip, then subtract
+    # a finished answer scored low (-2) vs an unfinished one scored high (+1.5), on the normalised scale
+    pair, fin = torch.tensor([-2.0, 1.5]), torch.tensor([True, False])
+    assert final_scores(pair, fin, rl).tolist() == [-2.0, 0.5]  # subtract: the better answer keeps its lead, minus 1
+    replaced = final_scores(pair, fin, RLConfig(missing_eos_mode="replace"))
+    assert replaced.tolist() == [-2.0, -1.0]  # replace: -1 whatever it said, which still beats the finished -2
+    same = final_scores(torch.tensor([-2.0, -2.0]), fin, RLConfig(missing_eos_mode="replace"))
+    assert same[1] > same[0]  # replace: the same answer scores MORE for never ending (why it is not the default)
+    with pytest.raises(ConfigError, match="missing_eos_penalty"):  # a positive value would reward never ending
+        load_config("ppo", None, ["rl.missing_eos_penalty=1.0"])
+    assert load_config("ppo", None, ["rl.missing_eos_penalty=1.0", "rl.missing_eos_mode=replace"]).rl.missing_eos_penalty == 1.0
 
 
 def test_critic_values_are_read_before_each_response_token():
@@ -205,8 +231,8 @@ def test_ppo_exact_resume(tmp_path, world, monkeypatch):
     assert len({r["beta"] for r in full}) == 4  # the adaptive controller moved beta every step (and resumed it)
 
 
-def test_ppo_with_reward_model_critic_starts_from_the_rm(tmp_path, world):
-    """--rl.reward_model: the critic is the RM (trunk and head); scores are (raw - mean) / std."""
+def reward_model_dir(world, tmp_path):
+    """(a reward model on the micro policy's trunk, its directory with reward_norm mean 0.25 std 2, tokenizer)."""
     from chatforge.checkpoint import atomic_write_json
     from chatforge.model.hf import save_model
     from chatforge.model.load import load_causal_lm, scalar_from_causal
@@ -219,12 +245,39 @@ def test_ppo_with_reward_model_critic_starts_from_the_rm(tmp_path, world):
     save_model(rm, rm_dir, mcfg, tok.vocab_size, special_ids(tok))
     tok.save(rm_dir)
     atomic_write_json(rm_dir / "chatforge.json", {"stage": "rm", "reward_norm": {"mean": 0.25, "std": 2.0}})
+    return rm.eval(), rm_dir, tok
+
+
+def test_critic_from_the_rm_with_lora_starts_normalised(tmp_path, world):
+    """With LoRA adapters on the critic (zero at the start) the folded head still gives (raw - mean) / std."""
+    rm, rm_dir, tok = reward_model_dir(world, tmp_path)
+    cfg = load_config("ppo", MICRO, rl_overrides(world, 1, f"rl.reward_model={rm_dir}", "rl.reward_fn=null",
+                                                 "lora.r=4"))
+    critic = ppo.build_critic(cfg, None, torch.device("cpu"), (0.25, 2.0))
+    ids = torch.tensor([[tok.bos_id, 40, 41, 42, tok.end_id]])
+    with torch.no_grad():
+        torch.testing.assert_close(critic(ids), (rm(ids) - 0.25) / 2.0, rtol=1e-5, atol=1e-6)
+    assert any("lora" in n for n, _ in critic.named_parameters())
+
+
+def test_ppo_with_reward_model_critic_starts_from_the_rm(tmp_path, world):
+    """--rl.reward_model: the critic is the RM (trunk and head) with its normalisation folded in, so its initial
+    values at a sequence's last token equal the normalised rewards (raw - mean) / std that the returns are built
+    from; the scores PPO logs are (raw - mean) / std too."""
+    from chatforge.model.heads import score_sequences
+
+    rm, rm_dir, tok = reward_model_dir(world, tmp_path)
+    seqs = [[tok.bos_id, 40, 41, 42, tok.end_id], [50, 51, tok.end_id], [60, 61, 62]]
+    raw = score_sequences(rm.eval(), seqs, tok.pad_id)  # (3,) the reward model's raw scores
     seen = {}
     original = ppo.build_critic
 
-    def spy(cfg, actor, device):
-        critic = original(cfg, actor, device)
-        seen["score"] = critic.score.weight.detach().clone()
+    def spy(cfg, actor, device, reward_norm=None):
+        critic = original(cfg, actor, device, reward_norm)
+        seen["norm"] = reward_norm
+        seen["values"] = score_sequences(critic, seqs, tok.pad_id)  # (3,) the critic's first values, last token
+        ids = torch.tensor([[60, 61, 62]])
+        seen["per_token"] = (critic(ids)[0].detach(), rm(ids)[0].detach())
         return critic
 
     ppo.build_critic = spy
@@ -233,7 +286,10 @@ def test_ppo_with_reward_model_critic_starts_from_the_rm(tmp_path, world):
                                                        "rl.prompts_per_step=4", "rl.max_new_tokens=12")), tmp_path / "o")
     finally:
         ppo.build_critic = original
-    torch.testing.assert_close(seen["score"], rm.score.weight)
+    assert seen["norm"] == (0.25, 2.0)
+    torch.testing.assert_close(seen["values"], (raw - 0.25) / 2.0, rtol=1e-5, atol=1e-6)
+    v, r = seen["per_token"]
+    torch.testing.assert_close(v, (r - 0.25) / 2.0, rtol=1e-5, atol=1e-6)  # every position, not only the last
     rows = train_rows(tmp_path / "o")
     assert len(rows) == 2 and all(math.isfinite(r["reward"]) for r in rows)
     for r in rows:  # reward = normalised raw score
@@ -251,3 +307,13 @@ def test_ppo_bad_input_errors(tmp_path, world):
     with pytest.raises(ValueError, match="not a reward model|not a causal|LlamaFor"):
         ppo.run(load_config("ppo", MICRO, rl_overrides(world, 1, f"rl.reward_model={world['policy']}",
                                                        "rl.reward_fn=null")), tmp_path / "d")
+
+
+def test_ppo_actor_and_critic_have_no_weight_decay_by_default(tmp_path, world, monkeypatch):
+    from tests.test_grpo import record_optimizers
+
+    made = record_optimizers(monkeypatch)
+    ppo.run(load_config("ppo", MICRO, rl_overrides(world, 1, "rl.prompts_per_step=2", "rl.max_new_tokens=4",
+                                                   "rl.ppo_epochs=1", "optim.weight_decay=0.1")), tmp_path / "ppo")
+    assert len(made) == 2  # actor, critic
+    assert all(g["weight_decay"] == 0.0 for opt in made for g in opt.param_groups)

@@ -338,3 +338,72 @@ def test_reward_sources(trained_rm, micro_base, tmp_path):
     with pytest.raises(RewardError, match="reward_norm"):
         RewardModelScorer(tmp_path / "rm")
     assert RewardModelScorer(tmp_path / "rm", normalize=False).std == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- dropout, weighting
+
+
+def test_prompt_pair_weights_hand_values():
+    """InstructGPT: a prompt whose pairs rank k distinct answers weighs each pair 1 / C(k, 2)."""
+    from chatforge.data.pairs import TokenPair
+
+    a, b, c, d = [10, 5], [11, 5], [12, 5], [13, 5]
+    pairs = [TokenPair([0, 1], a, b, "x:1"), TokenPair([0, 1], a, c, "x:2"), TokenPair([0, 1], b, c, "x:3"),  # k=3
+             TokenPair([0, 2], a, b, "x:4"),  # one pair: k=2
+             TokenPair([0, 3], a, b, "x:5"), TokenPair([0, 3], c, d, "x:6")]  # 4 answers, only 2 of 6 pairs: k=4
+    assert rm.prompt_pair_weights(pairs) == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0, 1 / 6, 1 / 6])
+
+
+def test_prompt_weighting_through_the_stage(micro_base, tmp_path):
+    """rm.pair_weighting=prompt: the step's loss is the mean of the pairs' Bradley-Terry losses weighted 1/C(k,2)
+    (one prompt with 3 ranked answers: 1/3 each; one with a single pair: 1), computed by hand from the initial
+    reward model; accuracy stays a plain fraction of pairs. The default 'pair' is the plain mean."""
+    from chatforge.data.pairs import collate_unique, load_pair_data
+
+    rows_in = [("Name a fruit.", "Apple.", "Stone."), ("Name a fruit.", "Apple.", "Car."),
+               ("Name a fruit.", "Stone.", "Car."), ("Say hi.", "Hi there!", "No.")]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows_in))
+    common = ["data.val_fraction=0", "train.max_steps=1", "train.eval_every=0", "train.batch_size=4",
+              "train.ckpt_every=0", "train.seed=5"]
+    got = {}
+    for mode in ("prompt", "pair"):
+        cfg = rm_cfg(micro_base, path, *common, f"rm.pair_weighting={mode}")
+        rm.run(cfg, tmp_path / mode)
+        got[mode] = rows(tmp_path / mode, "train")[0]
+    policy, _, tok = load_causal_lm(micro_base, "cpu")
+    data = load_pair_data(cfg.data, tok, 10_000, verbose=False)
+    torch.manual_seed(5)
+    model = rm.reward_model_from(policy, cfg.lora).eval()
+    with torch.no_grad():
+        r_c, r_r = rm.pair_rewards(model, collate_unique(list(data.train), tok.pad_id))
+    from chatforge import losses
+
+    bt = losses.bradley_terry(r_c, r_r).double()  # (4,)
+    w = torch.tensor([1 / 3 if p.prompt == data.train[0].prompt else 1.0 for p in data.train], dtype=torch.float64)
+    assert sorted(w.tolist()) == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    assert got["prompt"]["loss"] == pytest.approx(((w * bt).sum() / w.sum()).item(), rel=1e-5)
+    assert got["pair"]["loss"] == pytest.approx(bt.mean().item(), rel=1e-5)
+    assert abs(got["prompt"]["loss"] - got["pair"]["loss"]) > 1e-4  # the weighting changes the number
+    assert got["prompt"]["accuracy"] == got["pair"]["accuracy"] == (r_c > r_r).double().mean().item()
+
+
+def test_reward_model_has_no_dropout(micro_base, tmp_path):
+    """A starting model saved with dropout: the reward model compares two forward passes, so its dropout is off
+    (train-mode forwards are deterministic) and the saved reward model records none."""
+    import shutil
+
+    base = tmp_path / "base_dropout"
+    shutil.copytree(micro_base, base)
+    conf = json.loads((base / "config.json").read_text())
+    conf["attention_dropout"] = 0.3
+    (base / "config.json").write_text(json.dumps(conf))
+    policy, _, _ = load_causal_lm(base, "cpu")
+    model = rm.reward_model_from(policy, load_config("rm", MICRO).lora).train()
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9]])
+    torch.testing.assert_close(model(ids), model(ids), rtol=0, atol=0)
+    torch.testing.assert_close(model(ids), model.eval()(ids), rtol=0, atol=0)
+    path = write_demo_pairs(tmp_path / "p.jsonl", 16)
+    rm.run(rm_cfg(base, path, "train.max_steps=1", "train.eval_every=0", "train.ckpt_every=0", "rm.norm_samples=8"),
+           tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["attention_dropout"] == 0.0

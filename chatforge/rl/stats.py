@@ -35,11 +35,25 @@ def check_finite(name: str, x: torch.Tensor, step: int) -> None:
 
 
 def final_scores(norm: torch.Tensor, finished: torch.Tensor, rl) -> torch.Tensor:
-    """The score each response earns: the normalised reward, clipped to +-rl.reward_clip if set, replaced by
-    rl.missing_eos_penalty for responses that never ended (when set). (B,), (B,) bool -> (B,)."""
+    """The score each response earns: the normalised reward, clipped to +-rl.reward_clip if set; for a response
+    that never ended (when rl.missing_eos_penalty is set) then, by rl.missing_eos_mode:
+      'subtract' (default, as TRL): score + penalty (penalty <= 0), so an unfinished response never scores more
+                 than the same response finished, and a better unfinished answer can still beat a worse finished one;
+      'replace':  the penalty itself, whatever the reward (on a normalised scale a finished answer scored below
+                 the penalty then loses to any answer that never ends).
+    (B,), (B,) bool -> (B,)."""
     score = norm.float()
     if rl.reward_clip is not None:
         score = score.clamp(-rl.reward_clip, rl.reward_clip)
-    if rl.missing_eos_penalty is not None:
-        score = torch.where(finished.to(score.device), score, torch.full_like(score, float(rl.missing_eos_penalty)))
-    return score
+    p = rl.missing_eos_penalty
+    if p is None:
+        return score
+    unfinished = ~finished.to(score.device)
+    mode = getattr(rl, "missing_eos_mode", "subtract")
+    if mode == "subtract":
+        if p > 0:
+            raise ValueError(f"rl.missing_eos_penalty={p}: in 'subtract' mode it must be <= 0")
+        return torch.where(unfinished, score + float(p), score)
+    if mode == "replace":
+        return torch.where(unfinished, torch.full_like(score, float(p)), score)
+    raise ValueError(f"rl.missing_eos_mode must be 'subtract' or 'replace', got {mode!r}")

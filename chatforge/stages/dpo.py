@@ -3,11 +3,13 @@
 Per pair, with sequence log-probs of the response tokens (the answer and its <|end|>):
     h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))
     sigmoid (DPO):  -log sigmoid(beta * h)            log-probs summed over the response tokens
-    ipo (IPO):      (h - 1 / (2 beta))^2               log-probs averaged per response token (as TRL does)
+    ipo (IPO):      (h - 1 / (2 beta))^2               log-probs averaged per response token (as TRL does);
+                                                       its implicit rewards beta * (pi - ref) from the same averages
 Losses are summed and divided by the global pair count of the step. Chosen and rejected go
 through one forward pass (2B rows). The reference is the starting model, frozen; with
 ``dpo.precompute_ref`` its log-probs of every train and held-out pair are computed once before
-training and the reference model is freed.
+training (under the policy's autocast) and the reference model is freed. Dropout is off in both
+(two forward passes are compared), so at step 0 every pair ties and the loss is exactly log 2.
 
 Metrics: implicit rewards beta * (log pi - log ref) of chosen and rejected, their margin,
 preference accuracy (chosen reward > rejected reward; at step 0 every pair ties, so 0), and the
@@ -17,6 +19,7 @@ moved probability away from the chosen answers, a known DPO failure mode).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,6 +33,7 @@ from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.pairs import PairBatch, TokenPair, collate_pairs, load_pair_data, pair_lengths
 from chatforge.model.load import load_causal_lm
 from chatforge.model.lora import apply_lora, reference_from
+from chatforge.rl.roles import disable_dropout
 from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
 
@@ -78,11 +82,15 @@ class RefLogps:
         return torch.cat([self.chosen[idx], self.rejected[idx]]).to(device)
 
 
-def precompute_reference(ref: torch.nn.Module, data, pad_id: int, batch_size: int, info) -> dict[str, RefLogps]:
-    """The reference log-probs of every train and held-out pair, computed once (``dpo.precompute_ref``)."""
+def precompute_reference(ref: torch.nn.Module, data, pad_id: int, batch_size: int, info,
+                         autocast=contextlib.nullcontext) -> dict[str, RefLogps]:
+    """The reference log-probs of every train and held-out pair, computed once (``dpo.precompute_ref``), under
+    ``autocast()``: the policy's own precision (Trainer.autocast), so that at step 0 pi == ref exactly (a bf16
+    policy against an fp32 reference would start away from log 2)."""
     t0 = time.time()
-    pre = {name: RefLogps.compute(ref, pairs, pad_id, batch_size, info.rank, info.world_size, info.device)
-           for name, pairs in (("train", data.train), ("val", data.val)) if pairs}
+    with autocast():
+        pre = {name: RefLogps.compute(ref, pairs, pad_id, batch_size, info.rank, info.world_size, info.device)
+               for name, pairs in (("train", data.train), ("val", data.val)) if pairs}
     if info.is_main:
         print(f"dpo: reference log-probs of {len(data.train) + len(data.val):,} pairs precomputed in "
               f"{time.time() - t0:.1f}s; reference model freed")
@@ -94,9 +102,9 @@ def pair_terms(model: torch.nn.Module, batch: PairBatch, rf: torch.Tensor, beta:
     response token counts (2B,)) of B pairs, given their reference sums ``rf`` (2B,)."""
     pi, n = response_logps(model, batch)  # (2B,), (2B,)
     k = len(pi) // 2
-    if loss_type == "ipo":  # per-token averages, as TRL passes them to the IPO loss
-        l, _, _ = losses.dpo(pi[:k] / n[:k], pi[k:] / n[k:], rf[:k] / n[:k], rf[k:] / n[k:], beta, "ipo")
-        _, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")  # implicit rewards: sums
+    if loss_type == "ipo":  # per-token averages, as TRL passes them to the IPO loss; the implicit rewards (and
+        # so the logged margin and accuracy) come from the same averages: beta * (avg log pi - avg log ref)
+        l, rc, rr = losses.dpo(pi[:k] / n[:k], pi[k:] / n[k:], rf[:k] / n[:k], rf[k:] / n[k:], beta, "ipo")
     else:
         l, rc, rr = losses.dpo(pi[:k], pi[k:], rf[:k], rf[k:], beta, "sigmoid")
     return l, rc, rr, pi.detach(), rf, n
@@ -127,21 +135,22 @@ def run(cfg: Config, out: str | Path) -> dict:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
     out, info = start(cfg, out)
     policy, mcfg, tok = load_causal_lm(cfg.model.init, info.device, trust_remote_code=cfg.model.trust_remote_code)
-    policy = apply_lora(policy, cfg.lora)  # no-op unless lora.r > 0
+    mcfg.dropout = 0.0  # policy and reference are compared forward to forward: no dropout in either (as TRL)
+    policy = disable_dropout(apply_lora(policy, cfg.lora))  # LoRA: no-op unless lora.r > 0 (its dropout off too)
     ref: Optional[torch.nn.Module] = reference_from(policy)  # LoRA: the policy with adapters off; else a frozen copy
     data = load_pair_data(cfg.data, tok, mcfg.block_size, verbose=info.is_main)
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     beta, loss_type = cfg.dpo.beta, cfg.dpo.loss
     batcher = BucketBatcher(pair_lengths(data.train), B, A, seed=cfg.train.seed, rank=info.rank, world_size=W)
-    pre = precompute_reference(ref, data, tok.pad_id, B, info) if cfg.dpo.precompute_ref else {}
-    if cfg.dpo.precompute_ref:
-        ref = None  # freed: every reference log-prob the run needs is in `pre`
     if info.is_main:
         print(f"dpo: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data.train):,} train / {len(data.val):,} held-out pairs; loss {loss_type}, beta {beta}; "
               f"batch {B} pairs x {A} accumulation x {W} processes = {B * A * W} pairs per step")
     trainer = Trainer(cfg, out, {"model": policy}, info, state={"data": batcher}, model_cfg=mcfg)
     net = trainer.models["model"]
+    pre = precompute_reference(ref, data, tok.pad_id, B, info, trainer.autocast) if cfg.dpo.precompute_ref else {}
+    if cfg.dpo.precompute_ref:
+        ref = None  # freed: every reference log-prob the run needs is in `pre`
 
     def ref_sums(split: str, idx: list[int], batch: PairBatch) -> torch.Tensor:
         if split in pre:

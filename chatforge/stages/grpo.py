@@ -3,8 +3,8 @@
 One trainer step = one rollout batch + its update epochs:
   1. rollout    rl.prompts_per_step prompts per rank, each sampled rl.group_size times (the engine, one batch),
                 old log-probs (actor) and, when rl.grpo_kl_coef > 0, reference log-probs (frozen SFT)
-  2. advantages one score per response (normalised reward, clipped, or rl.missing_eos_penalty when it never
-                ended), then per group: GRPO (r - mean) / (std + eps) (0 for a group of equal rewards), or
+  2. advantages one score per response (normalised reward, clipped, + rl.missing_eos_penalty when it never
+                ended), then per group: GRPO (r - mean) / (std + rl.grpo_eps) (0 for a group of equal rewards), or
                 RLOO r - mean of the other G - 1; the same advantage on every token of the response
   3. updates    rl.ppo_epochs x rl.minibatches of the clipped objective averaged per token ('token': all
                 tokens of the minibatch weigh the same) or per sequence ('sequence': mean of per-response
@@ -42,11 +42,11 @@ def resolve_algo(rl) -> str:
     return algo
 
 
-def advantages(score: torch.Tensor, algo: str, G: int) -> torch.Tensor:
+def advantages(score: torch.Tensor, algo: str, G: int, eps: float = 1e-4) -> torch.Tensor:
     """One advantage per response (N*G,) from its group's scores: GRPO (r - mean) / (std + eps), RLOO r - the
     mean of the other G - 1."""
     if algo == "grpo":
-        return losses.grpo_advantages(score, G)  # (N*G,)
+        return losses.grpo_advantages(score, G, eps)  # (N*G,)
     return losses.rloo_advantages(score.view(-1, G)).reshape(-1)  # (N*G,)
 
 
@@ -73,7 +73,8 @@ def run(cfg: Config, out: str | Path) -> dict:
         print(f"{algo}: {rl.prompts_per_step} prompts x {G} samples x {info.world_size} processes per rollout, "
               f"{rl.max_new_tokens} new tokens, {rl.ppo_epochs} epochs x {rl.minibatches} minibatches, "
               f"loss averaged per {rl.loss_averaging}, KL coef {rl.grpo_kl_coef}")
-    trainer = Trainer(cfg, out, {"actor": roles.actor}, info, state={"prompts": loader}, model_cfg=roles.model_cfg)
+    trainer = Trainer(cfg, out, {"actor": roles.actor}, info, state={"prompts": loader}, model_cfg=roles.model_cfg,
+                      weight_decay=rl.weight_decay)
     actor_net = trainer.models["actor"]
     per_seq = rl.loss_averaging == "sequence"
 
@@ -102,7 +103,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank,
                     micro_rows=MB, repeat=G)
         b, m = r.batch, r.batch.response_mask  # m (N*G, R)
-        b.extra["advantages"] = advantages(r.score, algo, G)  # (N*G,)
+        b.extra["advantages"] = advantages(r.score, algo, G, rl.grpo_eps)  # (N*G,)
         n, zero_groups = global_sums(len(b) // G, (r.score.view(-1, G).std(dim=1) == 0).float().sum())
         kl_metric = {}
         if "ref_logp" in b.extra:

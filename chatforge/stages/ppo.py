@@ -3,7 +3,7 @@
 One trainer step = one rollout batch + its PPO epochs:
   1. rollout    rl.prompts_per_step prompts per rank -> responses (engine, KV cache, stop at <|end|>),
                 old log-probs (actor), reference log-probs (frozen SFT), values (critic), scores (reward)
-  2. rewards    score (normalised RM reward, clipped, or rl.missing_eos_penalty when no <|end|>) on the last
+  2. rewards    score (normalised RM reward, clipped, + rl.missing_eos_penalty when no <|end|>) on the last
                 response token, -beta * KL(actor || ref) per token (k1 or k3); beta fixed or adaptive
   3. advantages GAE (gamma, lambda) on the critic's values, whitened with global statistics
   4. updates    rl.ppo_epochs x rl.minibatches: clipped policy loss + rl.vf_coef * clipped value loss,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -24,7 +25,9 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.model.load import load_scalar_model, scalar_from_causal
 from chatforge.model.lora import apply_lora
+from chatforge.rl.critic import NormalisedCritic, fold_scale
 from chatforge.rl.kl_controller import make_kl_controller
+from chatforge.rl.reward import RewardModelScorer
 from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.roles import check_rl_config, disable_dropout, load_roles, print_role_memory, reward_module
 from chatforge.rl.rollout import (RolloutBatch, chunked, collect, log_samples, response_logprobs, response_values,
@@ -37,12 +40,21 @@ from chatforge.trainer import Trainer
 PER_TOKEN = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy")
 
 
-def build_critic(cfg: Config, actor: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The value model: the RM (trunk and head) when there is one, else the policy trunk + a zero head."""
+def build_critic(cfg: Config, actor: torch.nn.Module, device: torch.device,
+                 reward_norm: Optional[tuple[float, float]] = None) -> torch.nn.Module:
+    """The value model: the RM (trunk and head) when there is one, else the policy trunk + a zero head.
+
+    ``reward_norm`` (mean, std): the RM's normalisation, folded into the critic's head (chatforge/rl/critic.py)
+    so that it starts on the scale of the returns, which are built from normalised rewards."""
     if cfg.rl.reward_model:
         critic, _, _ = load_scalar_model(cfg.rl.reward_model, device, trust_remote_code=cfg.model.trust_remote_code)
-    else:
-        critic = scalar_from_causal(actor, score_std=0.0)  # a LoRA actor gives its merged trunk
+        if reward_norm is not None:
+            fold_scale(critic, reward_norm[1])  # w / std, before LoRA wraps the head's model
+        critic = disable_dropout(apply_lora(critic, cfg.lora)).to(device)
+        if reward_norm is not None:
+            critic = NormalisedCritic(critic, -reward_norm[0] / reward_norm[1])  # + (-mean / std)
+        return critic
+    critic = scalar_from_causal(actor, score_std=0.0)  # a LoRA actor gives its merged trunk
     return disable_dropout(apply_lora(critic, cfg.lora)).to(device)
 
 
@@ -91,13 +103,14 @@ def run(cfg: Config, out: str | Path) -> dict:
     prompts = load_prompt_set(cfg, roles.tok, roles.model_cfg.block_size, log=info.is_main)
     loader = PromptLoader(len(prompts.ids), rl.prompts_per_step, cfg.train.seed, info.rank, info.world_size)
     T, MB = rl.temperature, cfg.train.batch_size
-    critic = build_critic(cfg, roles.actor, info.device)
+    norm = (roles.reward.mean, roles.reward.std) if isinstance(roles.reward, RewardModelScorer) else None
+    critic = build_critic(cfg, roles.actor, info.device, norm)
     kl_ctl = make_kl_controller(rl.kl_coef, rl.kl_target, rl.kl_horizon)
     if info.is_main:
         print_plan(rl, roles, critic, info.world_size)
     trainer = Trainer(cfg, out, {"actor": roles.actor, "critic": critic}, info,
                       lrs={"critic": rl.critic_lr or cfg.optim.lr}, state={"prompts": loader, "kl": kl_ctl},
-                      model_cfg=roles.model_cfg)
+                      model_cfg=roles.model_cfg, weight_decay=rl.weight_decay)
     actor_net, critic_net = trainer.models["actor"], trainer.models["critic"]
 
     def micro_step(sub: RolloutBatch, epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:

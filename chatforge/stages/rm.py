@@ -5,7 +5,9 @@ is the head's output at its last real token, which is the response's ``<|end|>``
 right-padded and end exactly there, as transformers' LlamaForSequenceClassification reads them).
 The distinct sequences of a micro-batch share one forward pass; with ``rm.group_by_prompt`` the pairs of
 one prompt are batched together, so an answer that is in several pairs is computed once. Loss per pair
-``-log sigmoid(r_c - r_r - margin)``, summed and divided by the global pair count of the step.
+``-log sigmoid(r_c - r_r - margin)``, summed and divided by the global pair count of the step (with
+``rm.pair_weighting=prompt`` each pair weighs 1/C(k,2), k its prompt's distinct answers, as InstructGPT:
+a weighted mean). Dropout is off (chosen and rejected are compared forward to forward).
 
 After training, the mean and std of the rewards of a reference set (held-out then training
 responses, chosen and rejected, up to ``rm.norm_samples``) are stored in chatforge.json as
@@ -28,6 +30,7 @@ from chatforge.data.pairs import PairData, PairSequences, collate_unique, load_p
 from chatforge.model.heads import gather_last, score_sequences
 from chatforge.model.load import load_causal_lm, scalar_from_causal
 from chatforge.model.lora import apply_lora
+from chatforge.rl.roles import disable_dropout
 from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
 
@@ -42,6 +45,22 @@ def pair_rewards(model: torch.nn.Module, batch: PairSequences) -> tuple[torch.Te
     values = model(batch.ids)  # (U, T) fp32
     r = gather_last(values, batch.attention_mask)  # (U,)
     return r[batch.chosen], r[batch.rejected]
+
+
+def prompt_pair_weights(pairs: list) -> list[float]:
+    """InstructGPT's weight of each pair: 1 / C(k, 2), k = the number of distinct answers among the pairs of its
+    prompt (a prompt with k answers fully ranked has C(k, 2) pairs, which together weigh 1). ``rm.pair_weighting
+    = 'prompt'``; a prompt with a single pair weighs 1."""
+    answers: dict[tuple, set] = {}
+    for p in pairs:
+        answers.setdefault(tuple(p.prompt), set()).update((tuple(p.chosen), tuple(p.rejected)))
+    return [1.0 / math.comb(max(len(answers[tuple(p.prompt)]), 2), 2) for p in pairs]
+
+
+def reward_model_from(policy: torch.nn.Module, lora) -> torch.nn.Module:
+    """The reward model on the SFT trunk: a scalar head ~ N(0, 1/sqrt(d+1)), LoRA when lora.r > 0, and dropout off
+    (chosen and rejected are compared forward to forward, as TRL turns it off)."""
+    return disable_dropout(apply_lora(scalar_from_causal(policy, score_std=None), lora))
 
 
 def calibration_table(r_c: torch.Tensor, r_r: torch.Tensor, bins: int) -> tuple[list[dict], float]:
@@ -121,7 +140,8 @@ def run(cfg: Config, out: str | Path) -> dict:
     policy, mcfg, tok = load_causal_lm(cfg.model.init, "cpu", trust_remote_code=cfg.model.trust_remote_code)
     data = load_pair_data(cfg.data, tok, mcfg.block_size, verbose=info.is_main)
     torch.manual_seed(cfg.train.seed)  # the same score head on every rank
-    model = apply_lora(scalar_from_causal(policy, score_std=None), cfg.lora).to(info.device)
+    mcfg.dropout = 0.0  # the saved reward model records no dropout
+    model = reward_model_from(policy, cfg.lora).to(info.device)
     del policy
     B, A, W = cfg.train.batch_size, cfg.train.grad_accum, info.world_size
     groups = [tuple(p.prompt) for p in data.train] if cfg.rm.group_by_prompt else None
@@ -134,18 +154,27 @@ def run(cfg: Config, out: str | Path) -> dict:
     trainer = Trainer(cfg, out, {"model": model}, info, state={"data": batcher}, model_cfg=mcfg)
     net = trainer.models["model"]
     margin = cfg.rm.margin
+    weights = None
+    if cfg.rm.pair_weighting == "prompt":  # 1 / C(k, 2), scaled to mean 1 so a step's count stays in pairs
+        w = torch.tensor(prompt_pair_weights(data.train), dtype=torch.float64)
+        weights = (w * len(w) / w.sum()).to(info.device)
 
     def micro_step(idx: list[int]) -> tuple[torch.Tensor, int, dict]:
         batch = collate_unique([data.train[j] for j in idx], tok.pad_id).to(info.device)
         r_c, r_r = pair_rewards(net, batch)  # (B,), (B,)
         r = torch.cat([r_c, r_r]).detach().double()  # (2B,)
-        return losses.bradley_terry(r_c, r_r, margin).sum(), len(idx), {
-            "correct": (r_c > r_r).sum(), "margin": (r_c - r_r).sum(), "reward": r.sum(), "reward2": (r * r).sum(),
-            "tokens": batch.attention_mask.sum()}
+        bt = losses.bradley_terry(r_c, r_r, margin)  # (B,)
+        stats = {"correct": (r_c > r_r).sum(), "margin": (r_c - r_r).sum(), "reward": r.sum(),
+                 "reward2": (r * r).sum(), "tokens": batch.attention_mask.sum()}
+        if weights is None:
+            return bt.sum(), len(idx), stats
+        w = weights[idx]  # (B,) the pairs' weights: a weighted mean over the step's pairs
+        return (bt * w.to(bt.dtype)).sum(), w.sum(), {**stats, "pairs": len(idx)}
 
     def step_fn(step: int) -> dict:
-        res = trainer.accumulate(batcher.next(), micro_step)  # normalised by the step's pairs
+        res = trainer.accumulate(batcher.next(), micro_step)  # normalised by the step's pairs (or their weights)
         n = res.pop("count")
+        n = res.pop("pairs", n)  # accuracy, margin and reward moments are per pair either way
         mean = res.pop("reward") / (2 * n)
         var = max(res.pop("reward2") / (2 * n) - mean * mean, 0.0)
         return {"loss": res.pop("loss"), "accuracy": res.pop("correct") / n, "margin": res.pop("margin") / n,
