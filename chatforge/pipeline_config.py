@@ -14,7 +14,10 @@ VOLATILE = {("train", "progress"), ("train", "restart"), ("train", "threads"), (
 VOLATILE |= {("data", "cache_dir"), ("data", "shard_tokens"), ("tokenizer", "sample_chars"), ("train", "trackers")}
 # Config fields added after run directories existed, each with the value that gives the behaviour from before it
 # existed: at that value a field is left out of the fingerprint, so adding a field does not rerun finished stages.
-SINCE_ADDED = {("data", "val_split"): "tail", ("data", "mixture"): []}
+# A stage that does not read a field's section (an SFT run and the rl section) leaves it out at any value.
+SINCE_ADDED = {("data", "val_split"): "tail", ("data", "mixture"): [], ("rm", "pair_weighting"): "pair",
+               ("rl", "missing_eos_mode"): "replace", ("rl", "weight_decay"): None, ("rl", "grpo_eps"): 1e-6}
+SECTION_READERS = {"rl": ("ppo", "grpo"), "rm": ("rm",), "dpo": ("dpo",), "sft": ("sft",)}
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -47,7 +50,8 @@ def config_fingerprint(cfg: Config) -> dict:
     for section, key in VOLATILE:
         d.get(section, {}).pop(key, None)
     for (section, key), before in SINCE_ADDED.items():
-        if d.get(section, {}).get(key, before) == before:
+        unread = cfg.stage not in SECTION_READERS.get(section, (cfg.stage,))
+        if unread or d.get(section, {}).get(key, before) == before:
             d.get(section, {}).pop(key, None)
     d.pop("demo", None)  # (older configs carried the demo section; the demo's data is fingerprinted by its files)
     return d
