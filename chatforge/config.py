@@ -14,16 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import OmegaConf
 
-from chatforge.errors import ChatforgeError
+from chatforge.config_merge import coerce_lists, merge_layers, parse_overrides, read_yaml  # noqa: F401  (parse_overrides: API)
+from chatforge.errors import ConfigError
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
-
-
-class ConfigError(ChatforgeError, ValueError):
-    """A config problem the user can fix; the message names the key and the fix."""
 
 
 @dataclass
@@ -287,104 +283,6 @@ class LoraConfig:
     """Merge adapters into the weights on save (the output is a plain HF directory)."""
 
 
-@dataclass
-class DemoConfig:
-    seed: int = 0
-    """Seed of the generated demo world."""
-    corpus_mb: float = 2.5
-    """Size of the generated pretraining corpus."""
-    n_sft: int = 4000
-    """SFT conversations."""
-    n_pairs: int = 3000
-    """Controlled variant preference pairs (preferences.jsonl, labelled with `label_noise`); the pipeline adds
-    them to the pairs sampled from the SFT model for the reward model (0 = none)."""
-    label_noise: float = 0.1
-    """Fraction of preference labels flipped."""
-    n_rl_prompts: int = 2000
-    """RL prompts."""
-    n_eval_prompts: int = 400
-    """Held-out evaluation prompts (disjoint from every training split)."""
-    eval_max_new_tokens: int = 48
-    """Length cap of evaluation answers."""
-    eval_batch_size: int = 100
-    """Prompts generated together (one engine batch) during evaluation and pair sampling."""
-    n_sampled_pair_prompts: int = 1500
-    """Prompts whose SFT answers make RM training pairs, labelled by the gold judge with `label_noise`
-    (ties dropped). 0 = use only the controlled variant pairs."""
-    samples_per_pair_prompt: int = 2
-    """SFT answers (temperature 1) per such prompt, and per evaluation prompt for the held-out pairs; every two
-    of them make a pair (k answers, k(k-1)/2 pairs), as InstructGPT's labellers ranked K answers at once."""
-    n_heldout_pairs: int = 400
-    """At most this many held-out RM pairs: every two of `samples_per_pair_prompt` SFT samples per evaluation
-    prompt, with noise-free gold labels (ties dropped), a random subset when there are more."""
-    dpo: bool = False
-    """The pipeline also runs the dpo stage (SFT + the same preference pairs) into dpo/."""
-
-
-@dataclass
-class ComparisonsConfig:
-    source: str = "file"
-    """Where the reward model's comparisons come from: 'file' (stages.rm.data.path, any preference format the
-    rm stage reads), 'program' (SFT answers ranked by `ranker`) or 'people' (SFT answers ranked by people in
-    <run>/labels/labels.jsonl)."""
-    prompts: list[str] = field(default_factory=list)
-    """Prompt files whose SFT answers are ranked ('program', 'people'); empty = the RL training prompts."""
-    max_prompts: int = 0
-    """Rank the answers of at most this many of those prompts (the first ones; 0 = all)."""
-    samples_per_prompt: int = 4
-    """Answers sampled from the SFT model per prompt, ranked together (k answers make k(k-1)/2 pairs at most)."""
-    max_new_tokens: int = 64
-    """Length cap of those answers."""
-    temperature: float = 1.0
-    """Sampling temperature of those answers."""
-    seed: int = 0
-    """Seed of the sampling."""
-    ranker: Optional[str] = None
-    """'module:function' of (prompt, responses) -> scores, one number per response, higher is better ('program').
-    A prompt is passed as a string (one user message) or as a message list."""
-    min_labels: int = 0
-    """'people': go on to the reward model once this many prompts are ranked (0 = when every candidate is)."""
-
-
-@dataclass
-class RecipeEvalConfig:
-    prompts: list[str] = field(default_factory=list)
-    """Evaluation prompt files; empty = `heldout_prompts` RL prompts held out from RL training."""
-    heldout_prompts: int = 100
-    """When `prompts` is empty: this many RL prompts (a seeded random choice) are kept out of RL for evaluation."""
-    max_prompts: int = 200
-    """Evaluate on at most this many prompts (the first ones; 0 = all)."""
-    max_new_tokens: int = 64
-    """Length cap of the evaluation answers (sampled at temperature 1)."""
-    batch_size: int = 32
-    """Prompts generated together."""
-    seed: int = 0
-    """Seed of the evaluation sampling and of the held-out split."""
-    judge: Optional[str] = None
-    """'module:function' of (prompt, response) -> score: a second judge of the win rates over SFT (optional)."""
-    side_by_side: int = 12
-    """Prompts shown answered side by side in the report."""
-
-
-@dataclass
-class RecipeConfig:
-    data: str = "files"
-    """'demo' = the built-in demo world (the `demo` section makes every stage's data); 'files' = the files named
-    by stages.<stage>.data.path."""
-    stages: list[str] = field(default_factory=lambda: ["pretrain", "sft", "rm", "ppo"])
-    """Training stages of the recipe, from pretrain, sft, rm, ppo, dpo, grpo (sft with model.init skips pretrain)."""
-    comparisons: ComparisonsConfig = field(default_factory=ComparisonsConfig)
-    eval: RecipeEvalConfig = field(default_factory=RecipeEvalConfig)
-
-
-@dataclass
-class PipelineConfig:
-    """What `chatforge pipeline` reads besides the stages' configs: the YAML's `recipe` and `demo` sections."""
-
-    recipe: RecipeConfig = field(default_factory=RecipeConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
-
-
 PIPELINE_SECTIONS = ("recipe", "demo")
 """Top-level YAML sections that belong to the pipeline, not to the stages."""
 
@@ -435,76 +333,6 @@ CHOICES = {
 }
 
 
-def _valid_keys(node: Any, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in node.items():
-        if isinstance(v, DictConfig):
-            keys += _valid_keys(v, f"{prefix}{k}.")
-        else:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
-def nearest_keys(key: str, schema: DictConfig) -> list[str]:
-    """The valid dotted keys closest to a mistyped one (difflib), best first: by the whole key, else by its
-    last part (``--max_steps`` -> ``train.max_steps``)."""
-    import difflib
-
-    keys = _valid_keys(schema) + [k for k, v in schema.items() if isinstance(v, DictConfig)]
-    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
-    if not close:
-        leaf = key.rsplit(".", 1)[-1]
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
-        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)]
-    return close
-
-
-def _explain(e: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
-    full_key = getattr(e, "full_key", None) or "?"
-    msg = str(e).splitlines()[0]
-    if isinstance(e, ConfigKeyError):
-        close = nearest_keys(full_key, schema)
-        hint = (f"did you mean {' or '.join(repr(k) for k in close)}?" if close else
-                "the command's --help lists the main keys, --print-config every key.")
-        return ConfigError(f"{source}: unknown config key '{full_key}'; {hint}")
-    return ConfigError(f"{source}: bad value for '{full_key}': {msg}")
-
-
-def parse_overrides(args: list[str]) -> list[str]:
-    """Turn ``--a.b=c`` / ``--a.b c`` command-line words into OmegaConf dotlist entries."""
-    out, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--") or len(a) == 2:
-            raise ConfigError(f"unexpected argument '{a}': overrides look like --section.key=value")
-        key = a[2:]
-        if "=" in key:
-            out.append(key)
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            out.append(f"{key}={args[i + 1]}")
-            i += 1
-        else:
-            out.append(f"{key}=true")  # a bare flag sets a bool
-        i += 1
-    return out
-
-
-def _coerce_lists(schema: DictConfig, dotlist: list[str]) -> list[str]:
-    """Let ``--data.path=a.txt,b.txt`` fill a list field without YAML brackets."""
-    fixed = []
-    for item in dotlist:
-        key, _, value = item.partition("=")
-        try:
-            node = OmegaConf.select(schema, key, throw_on_missing=False)
-        except Exception:
-            node = None
-        if isinstance(node, ListConfig) and not value.startswith("["):
-            parts = [p for p in value.split(",") if p] if value else []
-            value = "[" + ",".join(f"'{p}'" for p in parts) + "]"
-        fixed.append(f"{key}={value}")
-    return fixed
-
-
 def load_config(stage: str, path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Resolve a stage's config: defaults <- YAML shared sections <- YAML stages.<stage> <- overrides.
 
@@ -513,12 +341,7 @@ def load_config(stage: str, path: Optional[str | Path] = None, overrides: Option
     schema = OmegaConf.structured(Config)
     layers: list[tuple[str, Any]] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        raw = OmegaConf.load(path)
-        if not isinstance(raw, DictConfig):
-            raise ConfigError(f"{path}: a config file must be a mapping of sections")
+        raw = read_yaml(path)
         for section in PIPELINE_SECTIONS:  # the pipeline's own sections (load_pipeline_config)
             raw.pop(section, None)
         stages = raw.pop("stages", None) or {}
@@ -528,16 +351,10 @@ def load_config(stage: str, path: Optional[str | Path] = None, overrides: Option
         layers.append((str(path), raw))
         if stage in stages:
             layers.append((f"{path} (stages.{stage})", stages[stage]))
-    dotlist = _coerce_lists(schema, overrides or [])
+    dotlist = coerce_lists(schema, overrides or [])
     layers.append(("command line", OmegaConf.from_dotlist(dotlist)))
     layers.append(("stage", OmegaConf.create({"stage": stage})))
-    merged = schema
-    for source, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as e:
-            raise _explain(e, schema, source) from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    cfg: Config = merge_layers(schema, layers)
     validate(cfg)
     return cfg
 
@@ -582,36 +399,4 @@ def from_dict(d: dict, stage: Optional[str] = None) -> Config:
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     if stage is not None:
         cfg.stage = stage
-    return cfg
-
-
-PIPELINE_CHOICES = {"recipe.data": ("demo", "files"), "recipe.comparisons.source": ("file", "program", "people")}
-
-
-def load_pipeline_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
-    """The YAML's `recipe` and `demo` sections <- ``recipe.*`` / ``demo.*`` overrides (dotlist entries)."""
-    schema = OmegaConf.structured(PipelineConfig)
-    layers: list[tuple[str, Any]] = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        raw = OmegaConf.load(path)
-        if not isinstance(raw, DictConfig):
-            raise ConfigError(f"{path}: a config file must be a mapping of sections")
-        layers.append((str(path), {k: raw[k] for k in PIPELINE_SECTIONS if k in raw}))
-    layers.append(("command line", OmegaConf.from_dotlist(_coerce_lists(schema, overrides or []))))
-    merged = schema
-    for source, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as e:
-            raise _explain(e, schema, source) from None
-    cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    for key, choices in PIPELINE_CHOICES.items():
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
-        if value not in choices:
-            raise ConfigError(f"bad value for '{key}': {value!r}; choose one of {', '.join(choices)}")
-    bad = [s for s in cfg.recipe.stages if s not in STAGES]
-    if bad:
-        raise ConfigError(f"recipe.stages: unknown stage '{bad[0]}'; choose from {', '.join(STAGES)}")
     return cfg

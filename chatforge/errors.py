@@ -20,3 +20,7 @@ class ChatforgeError(Exception):
 
 class UserInputError(ChatforgeError, ValueError):
     """Bad input that has no more specific class (a tokenizer that is not chatforge's, a bad option value)."""
+
+
+class ConfigError(ChatforgeError, ValueError):
+    """A config problem the user can fix; the message names the key and the fix."""

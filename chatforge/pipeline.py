@@ -1,7 +1,7 @@
 """Any recipe in one command: data -> tokenizer -> base -> sft -> comparisons -> rm -> ppo (dpo, grpo) -> eval ->
 report, into one run directory (DESIGN.md "Run directories").
 
-The recipe (the YAML's ``recipe`` section, :class:`chatforge.config.RecipeConfig`) names the training stages and
+The recipe (the YAML's ``recipe`` section, :class:`chatforge.recipe_config.RecipeConfig`) names the training stages and
 where each stage's data comes from: ``recipe.data: demo`` generates the built-in demo world (the ``demo``
 section) and wires every stage to it; ``recipe.data: files`` reads the user's files named by
 ``stages.<stage>.data.path``. The reward model's comparisons come from a preference file, from SFT answers
@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Optional
 
 from chatforge.checkpoint import atomic_write_json
-from chatforge.config import Config, ConfigError, DemoConfig, PipelineConfig, load_config, load_pipeline_config, to_dict
+from chatforge.config import Config, ConfigError, load_config, to_dict
+from chatforge.recipe_config import DemoConfig, PipelineConfig, load_pipeline_config
 from chatforge.pipeline_config import config_fingerprint, pipeline_overrides, split_overrides
 from chatforge.pipeline_graph import ALIASES, STEPS, TRAIN_STAGES, downstream
 from chatforge.recipe_plan import recipe_plan

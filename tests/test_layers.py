@@ -4,7 +4,7 @@ Every import of a chatforge module counts, at the top of a module or inside a fu
 late import is still a cycle). The allowed direction, lowest layer first (a module may import its own layer
 and any layer below it):
 
-    0  chatforge (the package), errors, config
+    0  chatforge (the package), errors, config_merge, config, recipe_config
     1  files, checkpoint, distributed, metrics, optim, rundir, tracking files, processes, records, the optimizer
     2  tokenizer
     3  data.*, demo.*, model.*                                   text, the demo world, the networks
@@ -29,7 +29,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "chatforge"
 
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
-    (0, ("chatforge", "chatforge.errors", "chatforge.config")),
+    (0, ("chatforge", "chatforge.errors", "chatforge.config_merge", "chatforge.config", "chatforge.recipe_config")),
     (1, ("chatforge.files", "chatforge.checkpoint", "chatforge.distributed", "chatforge.metrics", "chatforge.optim", "chatforge.rundir",
          "chatforge.tracking")),
     (2, ("chatforge.tokenizer",)),
