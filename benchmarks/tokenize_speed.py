@@ -202,6 +202,7 @@ def run_first_step(folder: Path, tok_dir: Path, cache: Path, out: Path) -> dict:
     pretrain.data_from_config = timed_data
     cfg = load_config("pretrain", ROOT / "configs" / "micro.yaml", [
         f"data.path=[{folder}]", f"tokenizer.path={tok_dir}", f"data.cache_dir={cache}", "data.val_fraction=0.001",
+        "data.val_split=documents",  # the split run_chatforge built the cache with (micro.yaml pins tail)
         "train.max_steps=1", "train.eval_every=0", "train.eval_batches=1", "train.ckpt_every=0"])
     t_run = time.time()
     pretrain.run(cfg, out)
