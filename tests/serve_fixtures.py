@@ -3,7 +3,15 @@ reward model, all with one small BPE tokenizer; built locally (no downloads) in 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -11,7 +19,7 @@ import torch
 from chatforge.config import ModelConfig
 from chatforge.model.gpt import GPT
 from chatforge.model.heads import ScalarModel
-from chatforge.stages.common import save_model_dir
+from chatforge.model.save import save_model_dir
 from chatforge.tokenizer import train_tokenizer
 
 TEXT = ["Hello, how are you? What is 2 plus 3? 2 plus 3 is 5. Sure! I hope this helps! "
@@ -68,3 +76,48 @@ def build_hf_chat_dir(root: Path, name: str = "qwen") -> Path:
     m.save_pretrained(d)
     tok.save(d)
     return d
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], log: Path, timeout_s: float = 120):
+    """``chatforge serve ARGS`` on 127.0.0.1 on a free port in a subprocess (its output in ``log``): yields the URL
+    once /health answers, and stops the server by pid at the end (SIGTERM, then SIGKILL). A server that exits or
+    does not answer within ``timeout_s`` fails the test with its log."""
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("CHATFORGE_API_KEY", None)
+    cmd = [sys.executable, "-m", "chatforge", "serve", *args, "--port", str(port), "--log-level", "warning"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer within {timeout_s:.0f} s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)

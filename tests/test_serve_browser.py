@@ -21,10 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +31,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from chatforge.serve import labels as L  # noqa: E402
+from tests.serve_fixtures import running_server  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -55,11 +52,6 @@ CANDIDATES = [
 KEY = "pages-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def streamed_text(url: str, body: dict, timeout: float = 60) -> str:
@@ -122,7 +114,7 @@ def model_dir(tmp_path_factory):
 
     from chatforge.config import ModelConfig
     from chatforge.model.gpt import GPT
-    from chatforge.stages.common import save_model_dir
+    from chatforge.model.save import save_model_dir
     from chatforge.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
@@ -142,37 +134,12 @@ def server(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("pages-server")
     cands = root / "candidates.jsonl"
     cands.write_text("".join(json.dumps(c) + "\n" for c in CANDIDATES))
-    port = free_port()
+    args = ["--model", str(model_dir), "--api-key", KEY, "--labels-dir", str(root / "labels"),
+            "--candidates", str(cands)]
     log = root / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("CHATFORGE_API_KEY", None)
-    cmd = [sys.executable, "-m", "chatforge", "serve", "--model", str(model_dir), "--port", str(port),
-           "--api-key", KEY, "--labels-dir", str(root / "labels"), "--candidates", str(cands), "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if http_json(url + "/health", timeout=5)["status"] == "ok":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer within 120 s:\n{log.read_text()}")
-            time.sleep(0.3)
+    with running_server(args, log) as url:
         model = http_json(url + "/v1/models")["data"][0]["id"]
         yield SimpleNamespace(url=url, labels=root / "labels", model=model, log=log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")

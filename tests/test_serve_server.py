@@ -5,11 +5,6 @@ mid-stream frees its slot, errors and the API key."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 from chatforge.engine import Engine  # noqa: E402
 from chatforge.model.load import load_causal_lm  # noqa: E402
 from chatforge.tokenizer import render_prompt  # noqa: E402
-from tests.serve_fixtures import build_chat_dir, micro_gpt, micro_tokenizer  # noqa: E402
+from tests.serve_fixtures import build_chat_dir, micro_gpt, micro_tokenizer, running_server  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +27,6 @@ QUESTIONS = ["What is 2 plus 3?", "Hello, how are you?", "the quick brown fox", 
              "Sure!", "I hope this helps", "jumps over", "2 plus 3 is", "lazy dog", "na\u00efve \u00fcber",
              "What is", "Hello", "fox fox fox", "is 5.", "how are", "quick"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,34 +44,9 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(dirs):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--model", str(dirs["chat"]), "--model",
-                             str(dirs["long"]), "--port", str(port), "--api-key", KEY, "--max-batch", "16",
-                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not come up within 90 s")
-            time.sleep(0.2)
+    args = ["--model", str(dirs["chat"]), "--model", str(dirs["long"]), "--api-key", KEY, "--max-batch", "16"]
+    with running_server(args, dirs["chat"].parent / "server.log", timeout_s=90) as url:
         yield url
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 @pytest.fixture(scope="module")
