@@ -13,32 +13,22 @@ approximation over prompts: mean outcome +- 1.96 x sample std / sqrt(n), clipped
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from chatforge.evaluate import mean_se, outcome_counts, outcomes  # noqa: F401  (outcomes: this module's API)
+
 Z95 = 1.959963984540054  # the two-sided 95% quantile of the standard normal
-
-
-def outcomes(scores_a: Sequence[float], scores_b: Sequence[float]) -> list[float]:
-    """Per prompt: 1 if A's answer scored higher, 0.5 on a tie, 0 if lower."""
-    if len(scores_a) != len(scores_b):
-        raise ValueError(f"{len(scores_a)} scores for A but {len(scores_b)} for B")
-    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)]
 
 
 def win_rate(results: Sequence[float]) -> dict:
     """Win rate of A (ties count half) with its 95% normal-approximation interval over prompts."""
-    n = len(results)
-    if n == 0:
+    if not results:
         raise ValueError("no prompts to compare")
-    mean = sum(results) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in results) / (n - 1)) if n > 1 else 0.0
-    se = sd / math.sqrt(n)
-    return {"n": n, "wins": sum(x == 1.0 for x in results), "ties": sum(x == 0.5 for x in results),
-            "losses": sum(x == 0.0 for x in results), "win_rate": mean, "se": se,
+    mean, se = mean_se(results)
+    return {"n": len(results), **outcome_counts(results), "win_rate": mean, "se": se,
             "ci_low": max(0.0, mean - Z95 * se), "ci_high": min(1.0, mean + Z95 * se),
             "interval": "95% normal approximation over prompts (ties count 1/2)"}
 

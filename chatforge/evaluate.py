@@ -71,15 +71,27 @@ def clustered_se(xs: Sequence[float], groups: Sequence) -> tuple[float, float]:
     return m, math.sqrt(G / (G - 1) * sum(r * r for r in resid.values())) / n
 
 
+def outcomes(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Per prompt: 1 if a's answer scored higher than b's, 0.5 on a tie, 0 if lower."""
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} scores for A but {len(b)} for B")
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+
+
+def outcome_counts(results: Sequence[float]) -> dict:
+    """{"wins", "ties", "losses", "n"} of per-prompt outcomes (1, 0.5, 0)."""
+    return {"wins": sum(o == 1.0 for o in results), "ties": sum(o == 0.5 for o in results),
+            "losses": sum(o == 0.0 for o in results), "n": len(results)}
+
+
 def win_rate(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> dict:
     """How often a beats b, prompt by prompt (a tie counts half), with a normal-approximation interval."""
     if len(a) != len(b) or not a:
         raise ValueError(f"win_rate needs two equally long, non-empty score lists (got {len(a)} and {len(b)})")
-    outcomes = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
-    m, se = mean_se(outcomes)
+    results = outcomes(a, b)
+    m, se = mean_se(results)
     return {"win_rate": m, "win_rate_se": se, "win_rate_lo": max(0.0, m - z * se), "win_rate_hi": min(1.0, m + z * se),
-            "wins": sum(o == 1.0 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
-            "losses": sum(o == 0.0 for o in outcomes), "n": len(outcomes)}
+            **outcome_counts(results)}
 
 
 # ----------------------------------------------------------------------------------------------- generation
