@@ -157,7 +157,7 @@ class Trainer:
                 sums[k] = sums[k] + (v.detach().double() if torch.is_tensor(v) else float(v))
         keys = ["_loss", "_count"] + sorted(k for k in sums if not k.startswith("_"))
         local = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.info.device) for k in keys])
-        totals = D.all_reduce_sum(local.cpu()).tolist()  # one transfer, one all-reduce per optimizer step
+        totals = D.all_reduce_sum(local).tolist()  # one all-reduce and one transfer per optimizer step
         keys = keys[2:]
         global_count = max(totals[1], 1.0)
         self._scale_grads(self.info.world_size / global_count)
@@ -165,10 +165,9 @@ class Trainer:
                 **self.optimizer_step()}
 
     def _scale_grads(self, factor: float) -> None:
-        for m in self.models.values():
-            for p in m.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(factor)
+        grads = [p.grad for m in self.models.values() for p in m.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)  # one fused launch instead of one per parameter
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip, step and zero every optimizer; returns their gradient norms (before clipping)."""

@@ -111,10 +111,11 @@ def pair_terms(model: torch.nn.Module, batch: PairBatch, rf: torch.Tensor, beta:
 
 
 def pair_sums(l, rc, rr, pi, rf, n) -> torch.Tensor:
-    """A batch's sums (SUM_KEYS): loss, chosen reward, rejected reward, correct, chosen drift, chosen tokens, tokens."""
+    """A batch's sums (SUM_KEYS), float64: loss, chosen reward, rejected reward, correct, chosen drift, chosen
+    tokens, tokens."""
     k = len(l)
-    return torch.tensor([l.sum().item(), rc.sum().item(), rr.sum().item(), (rc > rr).sum().item(),
-                         (pi[:k] - rf[:k]).sum().item(), n[:k].sum().item(), n.sum().item()], dtype=torch.float64)
+    sums = [l.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), (pi[:k] - rf[:k]).sum(), n[:k].sum(), n.sum()]
+    return torch.stack([x.detach().double() for x in sums])  # (7,) on the batch's device: no sync here
 
 
 def summary(acc: torch.Tensor, n_pairs: float, prefix: str = "") -> dict:
@@ -161,7 +162,7 @@ def run(cfg: Config, out: str | Path) -> dict:
     def micro_step(idx: list[int]) -> tuple[torch.Tensor, int, dict]:
         batch = collate_pairs([data.train[j] for j in idx], tok.pad_id).to(info.device)
         l, rc, rr, pi, rf, n = pair_terms(net, batch, ref_sums("train", idx, batch), beta, loss_type)
-        return l.sum(), len(idx), dict(zip(SUM_KEYS[1:], pair_sums(l, rc, rr, pi, rf, n)[1:].tolist()))
+        return l.sum(), len(idx), dict(zip(SUM_KEYS[1:], pair_sums(l, rc, rr, pi, rf, n)[1:]))
 
     def step_fn(step: int) -> dict:
         res = trainer.accumulate(batcher.next(), micro_step)  # normalised by the step's pairs
@@ -175,7 +176,7 @@ def run(cfg: Config, out: str | Path) -> dict:
             batch = collate_pairs([data.val[j] for j in idx], tok.pad_id).to(info.device)
             with trainer.autocast():
                 terms = pair_terms(net, batch, ref_sums("val", idx, batch), beta, loss_type)
-            acc[:7] += pair_sums(*terms)
+            acc[:7] += pair_sums(*terms).cpu()
             acc[7] += len(idx)
         acc = D.all_reduce_sum(acc)
         if acc[7] == 0:
