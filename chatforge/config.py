@@ -319,6 +319,7 @@ class ResolvedRun:
 
 CHOICES = {
     "data.sampling": ("random", "sequential"),
+    "data.val_split": ("documents", "tail"),
     "data.overlong": ("truncate", "drop"),
     "optim.schedule": ("cosine", "constant"),
     "train.dtype": ("auto", "bf16", "fp32"),

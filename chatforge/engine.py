@@ -76,7 +76,7 @@ def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> to
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1).to(probs.device)
 
 
-def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+def cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     """The dtype keys/values will have: the autocast dtype if autocast is on, else the weights' dtype."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -121,7 +121,7 @@ class Engine:
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)  # (S,)
         active = torch.ones(B, dtype=torch.bool, device=device)  # (B,) rows still generating
 
-        cache = model.make_cache(B, P + max_new_tokens, device, _cache_dtype(model, device))
+        cache = model.make_cache(B, P + max_new_tokens, device, cache_dtype(model, device))
         logits = model(idx, attention_mask=mask, cache=cache)[:, -1, :]  # prefill -> (B, V)
         for step in range(max_new_tokens):
             nxt, logp = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)

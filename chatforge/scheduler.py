@@ -46,16 +46,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from chatforge.engine import cache_dtype
 from chatforge.generation_request import Request, RequestEvent, RequestHandle
 from chatforge.model.gpt import GPT, kv_heads
 from chatforge.row_sampling import sample_rows
 from chatforge.slot_cache import SlotCache
-
-
-def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return next(model.parameters()).dtype
 
 
 class Scheduler:
@@ -88,7 +83,7 @@ class Scheduler:
         if self.batched:
             cfg = model.cfg
             self.cache = SlotCache(cfg.n_layer, max_batch, kv_heads(cfg), self.cache_len, cfg.n_embd // cfg.n_head,
-                                   self.device, _cache_dtype(model, self.device))
+                                   self.device, cache_dtype(model, self.device))
         seed = seed if seed is not None else int.from_bytes(os.urandom(7), "little")  # the global RNG untouched
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._ids = itertools.count()
@@ -215,7 +210,7 @@ class Scheduler:
         if not self.batched:
             for h in hs:
                 p = torch.tensor([list(h.request.prompt)], dtype=torch.long, device=self.device)  # (1, P)
-                h.cache = model.make_cache(1, p.shape[1] + h.max_new, self.device, _cache_dtype(model, self.device))
+                h.cache = model.make_cache(1, p.shape[1] + h.max_new, self.device, cache_dtype(model, self.device))
                 logits = model(p, cache=h.cache)[:, -1, :]  # (1, V)
                 self.active.append(h)
                 self._sample([h], logits)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from chatforge.data.records import DataError, iter_records
 from chatforge.errors import UserInputError
 
 Prompt = Union[str, list]  # a user message, or a list of {"role", "content"} messages
@@ -78,20 +79,15 @@ def make_candidate(prompt: Prompt, texts: list[str]) -> Candidate:
 
 
 def _lines(path: Path):
+    """(line number, record) of a JSON-lines file, read by the project's one record reader; its problems (not
+    UTF-8, invalid JSON) and a line that is not an object are LabelsErrors naming the file and line."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LabelsError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LabelsError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise LabelsError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-        yield n, rec
+        for n, rec in iter_records(path):
+            if not isinstance(rec, dict):
+                raise LabelsError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            yield n, rec
+    except DataError as e:
+        raise LabelsError(str(e)) from None
 
 
 def _prompt(rec: dict, where: str) -> Prompt:

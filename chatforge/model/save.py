@@ -16,7 +16,6 @@ from chatforge.config import ModelConfig
 from chatforge.model import lora as L
 from chatforge.model.hf import save_model
 from chatforge.model.hf_causal import HFCausalLM, HFScalarModel, save_hf_model
-from chatforge.model.load import fresh_like
 from chatforge.tokenizer import ChatTokenizer
 
 
@@ -26,22 +25,18 @@ def special_ids(tok: ChatTokenizer) -> dict:
 
 
 def save_model_dir(model: nn.Module, out: Path, model_cfg: ModelConfig, tok: ChatTokenizer,
-                   generation: Optional[dict] = None, *, state: Optional[dict] = None) -> None:
+                   generation: Optional[dict] = None) -> None:
     """Write a complete Hugging Face model directory: weights, config, generation config, tokenizer.
 
     ``model``: the trained model (a DDP/compile wrapper is stripped): native GPT / ScalarModel
     (model/hf.save_model) or a wrapped transformers model (save_pretrained). With LoRA adapters
     (model/lora.apply_lora) the adapters are merged into the weights when ``lora.merge`` (a plain HF
     directory); otherwise the base weights are written and the adapter goes to ``<out>/adapter/``
-    (peft format; load_causal_lm merges it back on load). ``state``: a full state dict to write
-    instead of ``model``'s own (FSDP: pass ``D.full_state_dict(net)``, gathered on every rank).
+    (peft format; load_causal_lm merges it back on load). Under FSDP, pass an unsharded copy (as
+    stages/common.finish does).
     """
     out = Path(out)
     model = D.unwrap(model)
-    if state is not None:
-        fresh = fresh_like(model)  # same class, shapes and LoRA layout
-        fresh.load_state_dict(state)
-        model = fresh
     adapter = None
     if L.has_lora(model):
         if model.lora_config.merge:
