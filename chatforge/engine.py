@@ -4,8 +4,9 @@ The batch is left-padded to the longest prompt, prefilled once (one forward over
 tokens, filling the cache), then decoded one token per step for every row until each row has
 produced a stop id or ``max_new_tokens`` tokens.
 
-Works with any module whose ``forward(idx, attention_mask=None, cache=None)`` returns logits
-(B, T, V) and that offers ``make_cache(batch_size, max_len, device, dtype)`` (e.g. GPT).
+Works with any module whose ``forward(idx, attention_mask=None, cache=None, last_only=False)`` returns
+logits (B, T, V) (the last position's only, (B, 1, V), with ``last_only``) and that offers
+``make_cache(batch_size, max_len, device, dtype)`` (e.g. GPT).
 
 Sampling: logits / temperature, then optional top-k and top-p (nucleus) filtering, then a draw
 from the softmax with the given ``torch.Generator`` (reproducible). temperature == 0 is greedy.
@@ -76,6 +77,43 @@ def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> to
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1).to(probs.device)
 
 
+def length_groups(lengths: Sequence[int], overhead: int = 32) -> list[list[int]]:
+    """Rows grouped for a prefill with little padding: sorted longest first and cut where the tokens computed
+    (each group's rows x its longest prompt) plus ``overhead`` tokens' worth per extra forward pass are fewest
+    (dynamic programming over the sorted lengths). Returns the row indices of each group."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n, L = len(order), [lengths[i] for i in order]
+    best, cut = [0] + [None] * n, [0] * (n + 1)  # best[j]: fewest tokens for the first j sorted rows
+    for j in range(1, n + 1):
+        for i in range(j):  # the last group: sorted rows i..j-1, padded to L[i]
+            cost = best[i] + (j - i) * L[i] + overhead
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def prefill(model: nn.Module, cache, idx: torch.Tensor, mask: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Run the left-padded prompts idx (B, P) with their mask through ``model`` into ``cache``; return the last
+    position's logits (B, V). Where the cache can take rows prefilled apart (``sub``/``insert``, the native
+    model's), rows of similar length are prefilled together (:func:`length_groups`) so short prompts do not pay
+    for the longest one's padding."""
+    groups = length_groups(lengths) if hasattr(cache, "insert") else [list(range(len(lengths)))]
+    if len(groups) == 1:
+        return model(idx, attention_mask=mask, cache=cache, last_only=True)[:, -1, :]
+    P, out = idx.shape[1], []
+    for rows in groups:
+        T = max(lengths[i] for i in rows)
+        sub = cache.sub(len(rows), T)
+        out.append(model(idx[rows, P - T:], attention_mask=mask[rows, P - T:], cache=sub, last_only=True)[:, -1, :])
+        cache.insert(sub, rows, P)
+    order = torch.tensor([i for g in groups for i in g], device=idx.device)
+    return torch.cat(out).index_select(0, torch.argsort(order))  # (B, V) back in row order
+
+
 def cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     """The dtype keys/values will have: the autocast dtype if autocast is on, else the weights' dtype."""
     if torch.is_autocast_enabled(device.type):
@@ -122,7 +160,7 @@ class Engine:
         active = torch.ones(B, dtype=torch.bool, device=device)  # (B,) rows still generating
 
         cache = model.make_cache(B, P + max_new_tokens, device, cache_dtype(model, device))
-        logits = model(idx, attention_mask=mask, cache=cache)[:, -1, :]  # prefill -> (B, V)
+        logits = prefill(model, cache, idx, mask, [len(p) for p in prompts])  # (B, V)
         for step in range(max_new_tokens):
             nxt, logp = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
             yield nxt, logp, active.clone()
@@ -130,7 +168,7 @@ class Engine:
             if step == max_new_tokens - 1 or not bool(active.any()):
                 break
             feed = torch.where(active, nxt, torch.full_like(nxt, pad))  # stopped rows feed pad (ignored)
-            logits = model(feed[:, None], cache=cache)[:, -1, :]  # (B, V)
+            logits = model(feed[:, None], cache=cache, last_only=True)[:, -1, :]  # (B, V)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,

@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from chatforge.engine import cache_dtype
 from chatforge.generation_request import Request, RequestEvent, RequestHandle
-from chatforge.model.gpt import GPT, kv_heads
+from chatforge.model.gpt import GPT, fuse_layers, kv_heads
 from chatforge.row_sampling import sample_rows
 from chatforge.slot_cache import SlotCache
 
@@ -84,6 +84,7 @@ class Scheduler:
             cfg = model.cfg
             self.cache = SlotCache(cfg.n_layer, max_batch, kv_heads(cfg), self.cache_len, cfg.n_embd // cfg.n_head,
                                    self.device, cache_dtype(model, self.device))
+            self.cache.fused = fuse_layers(model.model)  # the served weights do not change while it runs
         seed = seed if seed is not None else int.from_bytes(os.urandom(7), "little")  # the global RNG untouched
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._ids = itertools.count()
@@ -211,7 +212,7 @@ class Scheduler:
             for h in hs:
                 p = torch.tensor([list(h.request.prompt)], dtype=torch.long, device=self.device)  # (1, P)
                 h.cache = model.make_cache(1, p.shape[1] + h.max_new, self.device, cache_dtype(model, self.device))
-                logits = model(p, cache=h.cache)[:, -1, :]  # (1, V)
+                logits = model(p, cache=h.cache, last_only=True)[:, -1, :]  # (1, V)
                 self.active.append(h)
                 self._sample([h], logits)
             return
@@ -223,7 +224,7 @@ class Scheduler:
             idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, P - len(p):] = 1
         src = model.make_cache(B, P, self.device, self.cache.k.dtype)
-        logits = model(idx.to(self.device), attention_mask=mask.to(self.device), cache=src)[:, -1, :]  # (B, V)
+        logits = model(idx.to(self.device), attention_mask=mask.to(self.device), cache=src, last_only=True)[:, -1, :]  # (B, V)
         rows = self.cache.add_rows(src)
         for h, r in zip(hs, rows):
             h.row = r
@@ -239,14 +240,14 @@ class Scheduler:
         if not self.batched:
             for h in hs:
                 feed = torch.tensor([[h.pending]], dtype=torch.long, device=self.device)  # (1, 1)
-                self._sample([h], model(feed, cache=h.cache)[:, -1, :])
+                self._sample([h], model(feed, cache=h.cache, last_only=True)[:, -1, :])
             return
         if self.cache.length + 1 > self.cache_len:
             self._compact()
         feed = torch.empty(self.cache.n, dtype=torch.long)  # (n,): row i feeds its pending token
         for h in hs:
             feed[h.row] = h.pending
-        logits = model(feed[:, None].to(self.device), cache=self.cache)[:, -1, :]  # (n, V)
+        logits = model(feed[:, None].to(self.device), cache=self.cache, last_only=True)[:, -1, :]  # (n, V)
         rows = torch.tensor([h.row for h in hs], device=logits.device)
         self._sample(hs, logits[rows])
 

@@ -29,6 +29,8 @@ class SlotCache:
         self.rows, self.max_len = rows, max_len
         self.n = 0
         self.length = 0
+        self.padded = True  # rows joined at different lengths: decode steps read the validity mask
+        self.fused = None  # the model's fused projection weights (gpt.fuse_layers), set by the scheduler
 
     @property
     def valid(self) -> torch.Tensor:

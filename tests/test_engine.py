@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from chatforge.config import ModelConfig
-from chatforge.engine import Engine, draw, filter_logits
+from chatforge.engine import Engine, draw, filter_logits, length_groups, prefill
 from chatforge.model.gpt import GPT
 from chatforge.model.hf import save_model
 
@@ -147,3 +147,64 @@ def test_draw_follows_the_distribution_and_never_picks_zero_probability():
     assert draw(p.repeat(1000, 1), torch.Generator().manual_seed(1)).tolist() == \
         draw(p.repeat(1000, 1), torch.Generator().manual_seed(1)).tolist()
     assert set(draw(p.repeat(1000, 1), g).tolist()) == {0, 2}
+
+
+def test_length_groups_cut_where_padding_costs_more_than_a_forward():
+    # equal lengths: one group; two clusters far apart: two groups, longest first, row indices kept
+    assert length_groups([10, 10, 10]) == [[0, 1, 2]]
+    assert length_groups([60, 5, 58, 3]) == [[0, 2], [1, 3]]
+    # 4 x 60 + 32 = 272 tokens in one pass vs 2 x 60 + 32 + 2 x 5 + 32 = 194 in two; with a large overhead, one
+    assert length_groups([60, 5, 58, 3], overhead=200) == [[0, 2, 1, 3]]
+    assert sorted(i for g in length_groups([7, 90, 40, 41, 3, 88, 12]) for i in g) == list(range(7))
+
+
+def test_grouped_prefill_equals_one_padded_prefill():
+    m = make_gpt()
+    torch.manual_seed(1)
+    ps = [torch.randint(2, V, (n,)).tolist() for n in (50, 4, 47, 2, 30)]
+    assert len(length_groups([len(p) for p in ps])) > 1  # this batch is prefilled in groups
+    P = max(map(len, ps))
+    idx = torch.full((len(ps), P), PAD)
+    mask = torch.zeros((len(ps), P), dtype=torch.long)
+    for i, p in enumerate(ps):
+        idx[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        one = m.make_cache(len(ps), P + 4)
+        ref = m(idx, attention_mask=mask, cache=one)[:, -1]  # (B, V) one padded forward
+        grouped = m.make_cache(len(ps), P + 4)
+        got = prefill(m, grouped, idx, mask, [len(p) for p in ps])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert grouped.length == one.length == P and grouped.padded
+    assert torch.equal(grouped.valid, one.valid) and torch.equal(grouped.next_pos, one.next_pos)
+    real = one.valid[None, :, None, :, None]  # padding slots hold whatever; real ones must agree
+    torch.testing.assert_close(grouped.k * real, one.k * real, atol=1e-5, rtol=1e-5)
+    # and generation from it: greedy equals the naive loop for every row
+    res = Engine(m).generate(ps, 6, temperature=0.0, pad_id=PAD)
+    for p, toks in zip(ps, res.tokens):
+        assert toks == naive_greedy(m, p, 6)
+
+
+def test_fused_projection_weights_follow_the_model():
+    from chatforge.model.gpt import fuse_layers
+
+    m = make_gpt()
+    a = m.model.layers[0].self_attn
+    assert m.make_cache(1, 8).fused is None  # autograd on: training keeps the modules' own weights
+    with torch.no_grad():
+        cache = m.make_cache(1, 8)
+    fused = cache.fused[0]
+    assert torch.equal(fused.qkv, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+    mlp = m.model.layers[0].mlp
+    assert torch.equal(fused.gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    # a training step changes the weights: the next generation sees them (a new cache, new copies)
+    before = Engine(m).generate(prompts(), 5, temperature=0.0).tokens
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    after = Engine(m).generate(prompts(), 5, temperature=0.0).tokens
+    assert after != before
+    for p, toks in zip(prompts(), after):
+        assert toks == naive_greedy(m, p, 5)
+    # a projection that is not a plain Linear (e.g. a LoRA wrapper) keeps the modules' path
+    a.k_proj = torch.nn.Sequential(a.k_proj)
+    assert fuse_layers(m.model) is None

@@ -29,7 +29,7 @@ decode one token per call (no mask needed). The logits equal a full forward.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -72,42 +72,48 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one call, the same numbers
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-_INV_FREQ: dict[tuple, torch.Tensor] = {}
+_ROPE_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def rope_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
-    """inv_freq = 1 / theta^(arange(0, hd, 2) / hd), (hd/2,) fp32; computed once per (hd, theta, device) and kept
-    outside the module (a buffer would be rounded by ``.to(bf16)``)."""
+def rope_constants(head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """inv_freq = 1 / theta^(arange(0, hd, 2) / hd), (hd/2,) fp32, and the sign (hd,) = (-1, ..., -1, 1, ..., 1)
+    of the rotate-half convention; computed once per (hd, theta, device) and kept outside the module (a buffer
+    would be rounded by ``.to(bf16)``)."""
     key = (head_dim, float(theta), str(device))
-    if key not in _INV_FREQ:
-        _INV_FREQ[key] = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
-    return _INV_FREQ[key]
+    if key not in _ROPE_CONSTANTS:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
+        sign = torch.ones(head_dim, device=device)
+        sign[: head_dim // 2] = -1.0
+        _ROPE_CONSTANTS[key] = inv_freq, sign
+    return _ROPE_CONSTANTS[key]
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for integer positions ``pos`` (B, T) or (1, T) -> two (B, T, hd) tensors.
+    """cos and signed sin tables for integer positions ``pos`` (B, T) or (1, T) -> two (B, T, 1, hd) tensors
+    (broadcast over heads).
 
-    angles = pos * inv_freq (see :func:`rope_inv_freq`), duplicated as cat(freqs, freqs) for the rotate-half
-    convention, always in fp32.
+    angles = pos * inv_freq (see :func:`rope_constants`), duplicated as cat(freqs, freqs) for the rotate-half
+    convention, in fp32. The sin table's first half is negated, so that transformers' ``rotate_half(x) * sin``
+    is ``roll(x, hd/2) * signed_sin`` (:func:`apply_rope`), the same numbers in fewer operations.
     """
-    freqs = pos[..., None].float() * rope_inv_freq(head_dim, theta, pos.device)  # (B, T, hd/2)
+    inv_freq, sign = rope_constants(head_dim, theta, pos.device)
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    cos, sin = emb.cos(), emb.sin() * sign
+    if dtype != torch.float32:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos.unsqueeze(2), sin.unsqueeze(2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by the angles in cos/sin (B, T, hd)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
-    return x * cos + rotate_half(x) * sin
+    """Rotate x (B, T, H, hd) by the angles in cos / signed sin (B, T, 1, hd) (see :func:`rope_cos_sin`):
+    x * cos + rotate_half(x) * sin, where rotate_half((x1, x2)) = (-x2, x1)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
@@ -124,18 +130,45 @@ class KVCache:
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.next_pos = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.length = 0
         self.max_len = max_len
+        self.padded = False
+        """True once a padding slot is stored: decode steps then need the validity mask."""
+        self.fused: Optional[list[FusedLayer]] = None
+        """Per layer, the concatenated projection weights (see :func:`fuse_layers`); None = the modules' own."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v (B, Hkv, T, hd) at slots [length, length+T) of ``layer``;
         return all keys/values so far, (B, Hkv, length+T, hd)."""
         L, T = self.length, k.shape[2]
-        self.k[layer, :, :, L:L + T] = k
-        self.v[layer, :, :, L:L + T] = v
-        return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]
+        ks, vs = self.k_layers[layer], self.v_layers[layer]  # (B, Hkv, max_len, hd)
+        ks.narrow(2, L, T).copy_(k)
+        vs.narrow(2, L, T).copy_(v)
+        return ks.narrow(2, 0, L + T), vs.narrow(2, 0, L + T)
+
+    def sub(self, batch_size: int, max_len: int) -> "KVCache":
+        """An empty cache of the same layers, dtype, device and fused weights, for prefilling some rows apart
+        (then :meth:`insert` them)."""
+        n_layer, _, n_kv_head, _, head_dim = self.k.shape
+        out = KVCache(n_layer, batch_size, n_kv_head, max_len, head_dim, self.k.device, self.k.dtype)
+        out.fused = self.fused
+        return out
+
+    def insert(self, src: "KVCache", rows: Sequence[int], end: int) -> None:
+        """Copy every slot ``src`` filled into ``rows`` of this empty cache at slots [end - src.length, end), the
+        slots before staying padding; the cache's length becomes ``end`` (the same for every insert)."""
+        if self.length not in (0, end):
+            raise ValueError(f"insert into a cache of length {self.length}; inserts must all end at one slot")
+        T, r = src.length, torch.tensor(list(rows), device=self.k.device)
+        self.k[:, r, :, end - T:end] = src.k[:, :, :, :T]
+        self.v[:, r, :, end - T:end] = src.v[:, :, :, :T]
+        self.valid[r, end - T:end] = src.valid[:, :T]
+        self.next_pos[r] = src.next_pos
+        self.length = end
+        self.padded = self.padded or src.padded or T < end
 
     def advance(self, mask: Optional[torch.Tensor], T: int) -> None:
         """After all layers ran on T new tokens with (B, T) validity ``mask`` (None: all real): mark them stored."""
@@ -145,7 +178,36 @@ class KVCache:
         else:
             self.valid[:, self.length:self.length + T] = mask
             self.next_pos += mask.long().sum(1)
+            self.padded = self.padded or not bool(mask.all())
         self.length += T
+
+
+class FusedLayer(NamedTuple):
+    """One block's projection weights concatenated for inference: one matmul instead of three (two)."""
+    qkv: torch.Tensor
+    """cat(q_proj, k_proj, v_proj) weights, ((H + 2 Hkv) hd, C)."""
+    gate_up: torch.Tensor
+    """cat(gate_proj, up_proj) weights, (2 h, C)."""
+
+
+def fuse_layers(trunk: "Trunk") -> Optional[list[FusedLayer]]:
+    """The trunk's q|k|v and gate|up weights concatenated per layer, or None when a projection is not a plain
+    ``nn.Linear`` holding a plain tensor (LoRA adapters, FSDP-sharded parameters): those keep their modules.
+
+    A copy of the weights as they are now: a KV cache holds it for its lifetime (one generation), during which
+    the weights do not change; the next cache copies them again, so training steps, loading and LoRA are seen.
+    """
+    out = []
+    for block in trunk.layers:
+        a, m = block.self_attn, block.mlp
+        groups = ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj))
+        linears = [lin for g in groups for lin in g]
+        if any(type(lin) is not nn.Linear or lin.bias is not None
+               or type(lin.weight) not in (torch.Tensor, nn.Parameter) for lin in linears):
+            return None
+        with torch.no_grad():
+            out.append(FusedLayer(*(torch.cat([lin.weight for lin in g]) for g in groups)))
+    return out
 
 
 class Attention(nn.Module):
@@ -164,19 +226,31 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_head * hd, bias=False)
         self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: Optional[KVCache] = None):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, T, H, hd), k and v (B, T, Hkv, hd), RoPE applied to q and k."""
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        fused = cache.fused if cache is not None else None
+        if fused is None:
+            q, k = self.q_proj(x).view(B, T, H, hd), self.k_proj(x).view(B, T, Hkv, hd)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.v_proj(x).view(B, T, Hkv, hd)
+        qkv = F.linear(x, fused[self.layer_idx].qkv).view(B, T, H + 2 * Hkv, hd)  # one matmul for the three
+        q, k = apply_rope(qkv[:, :, :H + Hkv], cos, sin).split((H, Hkv), dim=2)  # one rotation for q and k
+        return q, k, qkv[:, :, H + Hkv:]
+
+    def forward(self, x, cos, sin, attn_mask=None, cache: Optional[KVCache] = None, causal: bool = True):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.qkv(x, cos, sin, cache)  # (B, T, H, hd), (B, T, Hkv, hd), (B, T, Hkv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd) x 2
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd), S = cached + T
-            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be fp32 under autocast
+            if k.dtype != q.dtype:  # the cache may be fp32 under autocast
+                k, v = k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=attn_mask,  # (B, 1, T, S) bool, True = may attend; None = causal fast path
-            is_causal=attn_mask is None,
+            attn_mask=attn_mask,  # (B, 1, T, S) bool, True = may attend; None = causal (or all keys, see causal)
+            is_causal=attn_mask is None and causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,  # each group of H/Hkv query heads shares a k/v head
         )  # (B, H, T, hd)
@@ -187,15 +261,20 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         d, h = cfg.n_embd, mlp_hidden_size(cfg)
         self.gate_proj = nn.Linear(d, h, bias=False)
         self.up_proj = nn.Linear(d, h, bias=False)
         self.down_proj = nn.Linear(h, d, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, cache: Optional[KVCache] = None):
+        fused = cache.fused if cache is not None else None
+        if fused is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, fused[self.layer_idx].gate_up).chunk(2, dim=-1)  # one matmul for the two
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -206,13 +285,14 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer_idx)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None):
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache))
-        x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
-        return x
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, causal: bool = True):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, causal)
+        x = x + (self.resid_dropout(a) if self.training else a)
+        m = self.mlp(self.post_attention_layernorm(x), cache)
+        return x + (self.resid_dropout(m) if self.training else m)
 
 
 # ----------------------------------------------------------------------------- trunk and model
@@ -238,8 +318,11 @@ class Trunk(nn.Module):
             raise ValueError(f"sequence length {T} exceeds the context length model.block_size={self.cfg.block_size}")
         if cache is not None and cache.length + T > cache.max_len:
             raise ValueError(f"KV cache full: {cache.length} + {T} tokens > max_len={cache.max_len}")
-        x = self.drop(self.embed_tokens(idx))  # (B, T, C)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        if self.training:
+            x = self.drop(x)
 
+        causal = True  # with attn_mask None: the causal fast path; False = every key (one query per row)
         if cache is None and attention_mask is None:
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
             attn_mask = None  # fast path: is_causal=True
@@ -247,7 +330,14 @@ class Trunk(nn.Module):
             mask = None
             pos = cache.next_pos[:, None]  # (B, 1)
             cache.valid[:, cache.length] = True  # the new slot (advance() below marks it too)
-            attn_mask = cache.valid[:, None, None, :cache.length + 1]  # (B, 1, 1, S): every valid slot is in the past
+            if cache.padded:  # (B, 1, 1, S): every valid slot is in the past
+                attn_mask = cache.valid[:, None, None, :cache.length + 1]
+            else:  # every stored slot is a real token: attend to all of them, no mask
+                attn_mask, causal = None, False
+        elif cache is not None and cache.length == 0 and (attention_mask is None or bool(attention_mask.all())):
+            mask = None  # prefill of unpadded prompts: positions 0..T-1, the causal fast path
+            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
+            attn_mask = None
         else:
             mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()  # (B, T)
             past = cache.length if cache is not None else 0
@@ -259,10 +349,10 @@ class Trunk(nn.Module):
             causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
             own = k_slot[None, :] == q_slot[:, None]  # (T, S): a pad query attends to itself, so no row is empty
             attn_mask = ((causal[None] & key_valid[:, None, :]) | own[None])[:, None]  # (B, 1, T, S)
-        cos, sin = rope_cos_sin(pos, self.head_dim, self.cfg.rope_theta, x.dtype)  # (B or 1, T, hd)
+        cos, sin = rope_cos_sin(pos, self.head_dim, self.cfg.rope_theta, x.dtype)  # (B or 1, T, 1, hd)
 
         for block in self.layers:
-            x = block(x, cos, sin, attn_mask, cache)
+            x = block(x, cos, sin, attn_mask, cache, causal)
         if cache is not None:
             cache.advance(mask, T)
         return self.norm(x)  # (B, T, C)
@@ -289,14 +379,20 @@ class GPT(nn.Module):
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
 
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        """idx (B, T) token ids; attention_mask (B, T) 1 = real, 0 = pad -> logits (B, T, V)."""
-        return self.lm_head(self.model(idx, attention_mask, cache))
+                cache: Optional[KVCache] = None, last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids; attention_mask (B, T) 1 = real, 0 = pad -> logits (B, T, V)
+        (``last_only``: (B, 1, V), the last position's only, as generation needs)."""
+        h = self.model(idx, attention_mask, cache)  # (B, T, C)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype = torch.float32) -> KVCache:
-        """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens."""
-        return KVCache(self.cfg.n_layer, batch_size, kv_heads(self.cfg), max_len,
-                       self.cfg.n_embd // self.cfg.n_head, device, dtype)
+        """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens, holding the fused projection
+        weights (:func:`fuse_layers`) when no gradient is recorded (generation)."""
+        cache = KVCache(self.cfg.n_layer, batch_size, kv_heads(self.cfg), max_len,
+                        self.cfg.n_embd // self.cfg.n_head, device, dtype)
+        if not torch.is_grad_enabled():
+            cache.fused = fuse_layers(self.model)
+        return cache
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of (unique) parameters. ``exclude_embeddings`` drops the input embedding table

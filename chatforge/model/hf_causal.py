@@ -135,12 +135,13 @@ class HFCausalLM(_HFWrapper):
     """A transformers causal LM with chatforge's interface (see the module docstring)."""
 
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                cache: Optional[HFCache] = None) -> torch.Tensor:
-        """idx (B, T); attention_mask (B, T) 1 = real -> logits (B, T, V)."""
+                cache: Optional[HFCache] = None, last_only: bool = False) -> torch.Tensor:
+        """idx (B, T); attention_mask (B, T) 1 = real -> logits (B, T, V) (``last_only``: (B, 1, V))."""
         if cache is None and idx.shape[1] > self.cfg.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the context length {self.cfg.block_size} "
                              f"of {self.cfg.init or 'the model'}")
-        return _call(self.hf, idx, attention_mask, cache).logits
+        logits = _call(self.hf, idx, attention_mask, cache).logits  # (B, T, V)
+        return logits[:, -1:] if last_only else logits
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype = torch.float32) -> HFCache:
         """An empty cache for the engine (transformers allocates keys/values as they come, in their dtype)."""
