@@ -50,9 +50,10 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, V) logits -> (next ids (B,), their log-probs (B,) under log_softmax(logits / T), fp32)."""
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                u: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits -> (next ids (B,), their log-probs (B,) under log_softmax(logits / T), fp32).
+    ``u``: the rows' uniforms for :func:`draw` when the caller drew them (else drawn from ``generator``)."""
     logits = logits.float()
     if temperature == 0:
         nxt = logits.argmax(dim=-1)  # (B,)
@@ -62,19 +63,28 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
             logits = logits / temperature
         logp = torch.log_softmax(logits, dim=-1)  # (B, V)
         probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)  # (B, V)
-        nxt = draw(probs, generator)  # (B,)
+        nxt = draw(probs, generator, u)  # (B,)
     return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
 
 
-def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def uniforms(n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """(n, 1) fp64 uniforms in [0, 1) from ``generator`` (on its device), moved to ``device``: what :func:`draw`
+    uses per row."""
+    dev = generator.device if generator is not None else device
+    return torch.rand(n, 1, generator=generator, device=dev, dtype=torch.float64).to(device)
+
+
+def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None, u: Optional[torch.Tensor] = None
+         ) -> torch.Tensor:
     """One index per row of (B, V) probabilities, by inverse-CDF sampling: u ~ U[0, total) per row, the first index
     whose cumulative probability exceeds u. Same law as ``torch.multinomial(probs, 1)`` (a zero-probability index is
     never drawn), but one uniform per row instead of one exponential per vocabulary entry: ~15x faster on CPU at
-    batch 16 and V = 2048 (benchmarks/RESULTS.md)."""
-    dev = generator.device if generator is not None else probs.device
-    cdf = probs.to(dev, torch.float64).cumsum(-1)  # (B, V), fp64 so a large vocabulary sums without drift
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=dev, dtype=torch.float64) * cdf[:, -1:]  # (B, 1)
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1).to(probs.device)
+    batch 16 and V = 2048 (benchmarks/RESULTS.md). ``u`` (B, 1) fp64 in [0, 1): given uniforms (else drawn by
+    :func:`uniforms` from ``generator``)."""
+    if u is None:
+        u = uniforms(probs.shape[0], generator, probs.device)
+    cdf = probs.to(torch.float64).cumsum(-1)  # (B, V), fp64 so a large vocabulary sums without drift
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 def length_groups(lengths: Sequence[int], overhead: int = 32) -> list[list[int]]:
@@ -161,14 +171,24 @@ class Engine:
 
         cache = model.make_cache(B, P + max_new_tokens, device, cache_dtype(model, device))
         logits = prefill(model, cache, idx, mask, [len(p) for p in prompts])  # (B, V)
+        rows = torch.arange(B, device=device)  # (n,) the batch row each cache row holds
         for step in range(max_new_tokens):
-            nxt, logp = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
+            # one uniform per batch row and step, whichever rows are left: the draws do not depend on compaction
+            u = uniforms(B, generator, device)[rows] if temperature > 0 else None  # (n, 1)
+            nxt_n, logp_n = sample_next(logits, temperature, top_k, top_p, u=u)  # (n,), (n,)
+            nxt = torch.full((B,), pad, dtype=torch.long, device=device).index_copy_(0, rows, nxt_n)  # (B,)
+            logp = torch.zeros(B, device=device).index_copy_(0, rows, logp_n)  # (B,)
             yield nxt, logp, active.clone()
             active &= ~torch.isin(nxt, stop)
-            if step == max_new_tokens - 1 or not bool(active.any()):
+            alive = int(active.sum())
+            if step == max_new_tokens - 1 or alive == 0:
                 break
-            feed = torch.where(active, nxt, torch.full_like(nxt, pad))  # stopped rows feed pad (ignored)
-            logits = model(feed[:, None], cache=cache, last_only=True)[:, -1, :]  # (B, V)
+            if hasattr(cache, "keep") and len(rows) - alive >= max(1, len(rows) // 4):
+                kept = active[rows].nonzero().squeeze(1)  # (alive,) cache rows still generating
+                cache.keep(kept)  # finished rows leave the batch: later steps compute only the others
+                rows = rows[kept]
+            feed = torch.where(active[rows], nxt[rows], pad)  # (n,) stopped rows still in the cache feed pad
+            logits = model(feed[:, None], cache=cache, last_only=True)[:, -1, :]  # (n, V)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,

@@ -208,3 +208,28 @@ def test_fused_projection_weights_follow_the_model():
     # a projection that is not a plain Linear (e.g. a LoRA wrapper) keeps the modules' path
     a.k_proj = torch.nn.Sequential(a.k_proj)
     assert fuse_layers(m.model) is None
+
+
+def test_finished_rows_leave_the_batch_without_changing_any_row(monkeypatch):
+    from chatforge.model.gpt import KVCache
+
+    m = make_gpt()
+    torch.manual_seed(3)
+    ps = [torch.randint(2, V, (n,)).tolist() for n in (9, 4, 12, 6, 3, 8, 5, 7)]
+    free = Engine(m).generate(ps, 14, temperature=1.0, generator=torch.Generator().manual_seed(0)).tokens
+    stop = [f[2] for f in free[:4]]  # rows end at different steps
+    kept = []
+    real_keep = KVCache.keep
+    monkeypatch.setattr(KVCache, "keep", lambda self, rows: (kept.append(len(rows)), real_keep(self, rows))[1])
+
+    def run():
+        return Engine(m).generate(ps, 14, temperature=1.0, stop_ids=stop, generator=torch.Generator().manual_seed(0),
+                                  return_logprobs=True)
+    compacted = run()
+    assert kept and kept[-1] < len(ps)  # the batch shrank
+    monkeypatch.delattr(KVCache, "keep")  # a cache without keep: every row stays to the end
+    full = run()
+    assert compacted.tokens == full.tokens and compacted.finished == full.finished
+    for a, b in zip(compacted.logprobs, full.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    assert any(len(t) < 14 for t in full.tokens) and any(len(t) == 14 for t in full.tokens)

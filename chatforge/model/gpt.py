@@ -170,6 +170,12 @@ class KVCache:
         self.length = end
         self.padded = self.padded or src.padded or T < end
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only cache rows ``rows`` (n,), in that order (rows that finished generating leave the batch)."""
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
+        self.valid, self.next_pos = self.valid.index_select(0, rows), self.next_pos.index_select(0, rows)
+
     def advance(self, mask: Optional[torch.Tensor], T: int) -> None:
         """After all layers ran on T new tokens with (B, T) validity ``mask`` (None: all real): mark them stored."""
         if mask is None:
@@ -289,10 +295,11 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None, causal: bool = True):
+        drop = self.training and self.resid_dropout.p > 0
         a = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, causal)
-        x = x + (self.resid_dropout(a) if self.training else a)
+        x = x + (self.resid_dropout(a) if drop else a)
         m = self.mlp(self.post_attention_layernorm(x), cache)
-        return x + (self.resid_dropout(m) if self.training else m)
+        return x + (self.resid_dropout(m) if drop else m)
 
 
 # ----------------------------------------------------------------------------- trunk and model
@@ -319,7 +326,7 @@ class Trunk(nn.Module):
         if cache is not None and cache.length + T > cache.max_len:
             raise ValueError(f"KV cache full: {cache.length} + {T} tokens > max_len={cache.max_len}")
         x = self.embed_tokens(idx)  # (B, T, C)
-        if self.training:
+        if self.training and self.drop.p > 0:
             x = self.drop(x)
 
         causal = True  # with attn_mask None: the causal fast path; False = every key (one query per row)
