@@ -23,6 +23,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from chatforge.data.batching import length_groups
+
 
 @dataclass
 class GenerationResult:
@@ -85,25 +87,6 @@ def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None, u: Op
         u = uniforms(probs.shape[0], generator, probs.device)
     cdf = probs.to(torch.float64).cumsum(-1)  # (B, V), fp64 so a large vocabulary sums without drift
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-
-
-def length_groups(lengths: Sequence[int], overhead: int = 32) -> list[list[int]]:
-    """Rows grouped for a prefill with little padding: sorted longest first and cut where the tokens computed
-    (each group's rows x its longest prompt) plus ``overhead`` tokens' worth per extra forward pass are fewest
-    (dynamic programming over the sorted lengths). Returns the row indices of each group."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n, L = len(order), [lengths[i] for i in order]
-    best, cut = [0] + [None] * n, [0] * (n + 1)  # best[j]: fewest tokens for the first j sorted rows
-    for j in range(1, n + 1):
-        for i in range(j):  # the last group: sorted rows i..j-1, padded to L[i]
-            cost = best[i] + (j - i) * L[i] + overhead
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
 
 
 def prefill(model: nn.Module, cache, idx: torch.Tensor, mask: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:

@@ -5,7 +5,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from chatforge.config import ModelConfig
-from chatforge.engine import Engine, draw, filter_logits, length_groups, prefill
+from chatforge.data.batching import length_groups
+from chatforge.engine import Engine, draw, filter_logits, prefill
 from chatforge.model.gpt import GPT
 from chatforge.model.hf import save_model
 

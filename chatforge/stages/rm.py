@@ -25,7 +25,7 @@ import torch
 from chatforge import distributed as D
 from chatforge import losses
 from chatforge.config import Config, ConfigError, ResolvedRun
-from chatforge.data.batching import BucketBatcher, eval_batches
+from chatforge.data.batching import BucketBatcher, eval_batches, length_groups
 from chatforge.data.pairs import PairData, PairSequences, collate_unique, load_pair_data, pair_lengths
 from chatforge.model.heads import gather_last, score_sequences
 from chatforge.model.load import load_causal_lm, scalar_from_causal
@@ -40,10 +40,19 @@ def pair_rewards(model: torch.nn.Module, batch: PairSequences) -> tuple[torch.Te
     its last real token (a sequence shared by several pairs is computed once).
 
     Right padding and causal attention: padding sits after every real token, so it cannot change
-    them and the fast causal path (no mask) is exact; gather_last picks the <|end|> position.
+    them and the fast causal path (no mask) is exact; gather_last picks the <|end|> position. Sequences of
+    similar length go through the model together (:func:`length_groups`), each group cut to its longest, so
+    short answers do not pay for the longest one's padding.
     """
-    values = model(batch.ids)  # (U, T) fp32
-    r = gather_last(values, batch.attention_mask)  # (U,)
+    lengths = batch.attention_mask.sum(1).tolist()  # (U,)
+    parts, order = [], []
+    for rows in length_groups(lengths):
+        T = max(lengths[i] for i in rows)
+        sel = torch.tensor(rows, device=batch.ids.device)
+        values = model(batch.ids[sel, :T])  # (u, T) fp32
+        parts.append(gather_last(values, batch.attention_mask[sel, :T]))  # (u,)
+        order += rows
+    r = torch.cat(parts)[torch.argsort(torch.tensor(order, device=batch.ids.device))]  # (U,) in batch order
     return r[batch.chosen], r[batch.rejected]
 
 
