@@ -116,6 +116,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+def layer_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """x[0], x[1], ... as separate views (not ``unbind``'s, which may not be written in place under autograd)."""
+    return [x[i] for i in range(x.shape[0])]
+
+
 class KVCache:
     """Preallocated keys/values of every layer for incremental decoding.
 
@@ -130,7 +135,7 @@ class KVCache:
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
+        self.k_layers, self.v_layers = layer_views(self.k), layer_views(self.v)  # per-layer views, made once
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.next_pos = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.length = 0
@@ -173,7 +178,7 @@ class KVCache:
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only cache rows ``rows`` (n,), in that order (rows that finished generating leave the batch)."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
-        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
+        self.k_layers, self.v_layers = layer_views(self.k), layer_views(self.v)
         self.valid, self.next_pos = self.valid.index_select(0, rows), self.next_pos.index_select(0, rows)
 
     def advance(self, mask: Optional[torch.Tensor], T: int) -> None:
