@@ -107,6 +107,41 @@ def prefill(model: nn.Module, cache, idx: torch.Tensor, mask: torch.Tensor, leng
     return torch.cat(out).index_select(0, torch.argsort(order))  # (B, V) back in row order
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (ids (B, P), mask (B, P) 1 = real token), left-padded with ``pad`` to the longest, on ``device``."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, P), pad, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((B, P), dtype=torch.long)  # (B, P)
+    for i, p in enumerate(prompts):
+        idx[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return idx.to(device), mask.to(device)
+
+
+def start(model: nn.Module, prompts: Sequence[Sequence[int]], max_len: int, pad: int, device
+          ) -> tuple[object, torch.Tensor]:
+    """A KV cache of ``max_len`` slots holding the prefilled prompts, and the last position's logits (B, V).
+
+    A prompt given several times (e.g. GRPO's group of samples per prompt) is prefilled once and its cache row
+    copied for each of its rows, where the cache can (``keep``, the native model's): same keys, values and
+    logits as a prefill of every row, in a fraction of the work.
+    """
+    first: dict[tuple, int] = {}
+    src = [first.setdefault(tuple(p), len(first)) for p in prompts]  # (B,) each row's distinct prompt
+    dtype = cache_dtype(model, device)
+    cache = model.make_cache(len(first), max_len, device, dtype)
+    if len(first) == len(prompts) or not hasattr(cache, "keep"):
+        cache = model.make_cache(len(prompts), max_len, device, dtype) if len(first) < len(prompts) else cache
+        idx, mask = left_padded(prompts, pad, device)
+        return cache, prefill(model, cache, idx, mask, [len(p) for p in prompts])
+    distinct = [list(p) for p in first]
+    idx, mask = left_padded(distinct, pad, device)
+    logits = prefill(model, cache, idx, mask, [len(p) for p in distinct])  # (U, V)
+    rows = torch.tensor(src, device=device)  # (B,)
+    cache.keep(rows)  # each distinct prompt's row copied for every row that asked for it
+    return cache, logits.index_select(0, rows)  # (B, V)
+
+
 def cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     """The dtype keys/values will have: the autocast dtype if autocast is on, else the weights' dtype."""
     if torch.is_autocast_enabled(device.type):
@@ -143,17 +178,9 @@ class Engine:
             return
         pad = 0 if pad_id is None else pad_id
 
-        idx = torch.full((B, P), pad, dtype=torch.long)  # (B, P) left-padded
-        mask = torch.zeros((B, P), dtype=torch.long)  # (B, P) 1 = real token
-        for i, p in enumerate(prompts):
-            idx[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, P - len(p):] = 1
-        idx, mask = idx.to(device), mask.to(device)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)  # (S,)
         active = torch.ones(B, dtype=torch.bool, device=device)  # (B,) rows still generating
-
-        cache = model.make_cache(B, P + max_new_tokens, device, cache_dtype(model, device))
-        logits = prefill(model, cache, idx, mask, [len(p) for p in prompts])  # (B, V)
+        cache, logits = start(model, prompts, P + max_new_tokens, pad, device)  # (B, V)
         rows = torch.arange(B, device=device)  # (n,) the batch row each cache row holds
         for step in range(max_new_tokens):
             # one uniform per batch row and step, whichever rows are left: the draws do not depend on compaction

@@ -234,3 +234,33 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(monkeypatch):
     for a, b in zip(compacted.logprobs, full.logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     assert any(len(t) < 14 for t in full.tokens) and any(len(t) == 14 for t in full.tokens)
+
+
+def test_a_prompt_given_several_times_is_prefilled_once(monkeypatch):
+    from chatforge.model.gpt import KVCache
+
+    m = make_gpt()
+    ps = [p for p in prompts() for _ in range(3)]  # each prompt three times, as GRPO samples a group
+    batch_rows = []
+    real_forward = type(m).forward
+
+
+    def counting_forward(self, idx, *a, **k):
+        if k["cache"].length == 0:  # a prefill call: count its rows
+            batch_rows.append(idx.shape[0])
+        return real_forward(self, idx, *a, **k)
+    monkeypatch.setattr(type(m), "forward", counting_forward)
+
+    def run():
+        batch_rows.clear()
+        return Engine(m).generate(ps, 8, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                                  return_logprobs=True)
+    shared = run()
+    assert sum(batch_rows) == len(prompts())  # the prefill saw each distinct prompt once
+    monkeypatch.delattr(KVCache, "keep")  # a cache that cannot copy rows: every row prefilled
+    separate = run()
+    assert sum(batch_rows) == len(ps)
+    assert shared.tokens == separate.tokens
+    for a, b in zip(shared.logprobs, separate.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    assert len({tuple(t) for t in shared.tokens[:3]}) > 1  # the copies of one prompt sample apart
