@@ -46,7 +46,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from chatforge.engine import cache_dtype
+from chatforge.engine import cache_dtype, prefill
 from chatforge.generation_request import Request, RequestEvent, RequestHandle
 from chatforge.model.gpt import GPT, fuse_layers, kv_heads
 from chatforge.row_sampling import sample_rows
@@ -224,7 +224,8 @@ class Scheduler:
             idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, P - len(p):] = 1
         src = model.make_cache(B, P, self.device, self.cache.k.dtype)
-        logits = model(idx.to(self.device), attention_mask=mask.to(self.device), cache=src, last_only=True)[:, -1, :]  # (B, V)
+        lengths = [len(h.request.prompt) for h in hs]
+        logits = prefill(model, src, idx.to(self.device), mask.to(self.device), lengths)  # (B, V), in length groups
         rows = self.cache.add_rows(src)
         for h, r in zip(hs, rows):
             h.row = r
