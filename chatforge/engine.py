@@ -1,12 +1,17 @@
 """Batched generation with a KV cache. The engine knows only token ids.
 
-The batch is left-padded to the longest prompt, prefilled once (one forward over all prompt
-tokens, filling the cache), then decoded one token per step for every row until each row has
-produced a stop id or ``max_new_tokens`` tokens.
+The batch is left-padded to the longest prompt, prefilled (the prompt tokens in one forward, filling
+the cache), then decoded one token per step for every row until each row has produced a stop id or
+``max_new_tokens`` tokens.
 
 Works with any module whose ``forward(idx, attention_mask=None, cache=None, last_only=False)`` returns
 logits (B, T, V) (the last position's only, (B, 1, V), with ``last_only``) and that offers
-``make_cache(batch_size, max_len, device, dtype)`` (e.g. GPT).
+``make_cache(batch_size, max_len, device, dtype)`` (e.g. GPT). Where the cache can also prefill rows
+apart and copy or drop rows (``sub``/``insert``/``keep``: the native model's :class:`KVCache`), the
+engine does less work for the same tokens: a prompt given several times is prefilled once; prompts of
+very different lengths are prefilled in length groups (no compute on the short ones' padding); rows
+that have stopped leave the batch. The random draws are one uniform per batch row and step, whatever
+the batch holds, so these change no sample.
 
 Sampling: logits / temperature, then optional top-k and top-p (nucleus) filtering, then a draw
 from the softmax with the given ``torch.Generator`` (reproducible). temperature == 0 is greedy.
