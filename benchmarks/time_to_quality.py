@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -53,16 +54,25 @@ def load_avg() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def timed(cmd: list[str], env: dict, log: Path, timeout: float) -> float:
-    """Run ``cmd`` (output to ``log``); its wall time in seconds, measured from outside. Raises on failure."""
-    t0 = time.perf_counter()
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) used so far by this process's finished children."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[float, float]:
+    """Run ``cmd`` (output to ``log``); (wall seconds measured from outside, its CPU seconds). Raises on failure.
+
+    CPU seconds are a second view on a busy machine, where wall time depends on the other jobs: with as many
+    threads as free cores the two are close; spinning threads of a crowded machine add to both."""
+    t0, c0 = time.perf_counter(), children_cpu_s()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, children_cpu_s() - c0
     if proc.returncode != 0:
         tail = log.read_text()[-2000:]
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}; its output ends with:\n{tail}")
-    return wall
+    return wall, cpu
 
 
 def baseline_result(path: Path) -> dict:
@@ -107,12 +117,12 @@ def run_corpus(data: str, config: str, threads: int, work: Path, timeout: float,
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     base_json = work / f"{tag}_baseline.json"
     load_b = load_avg()
-    base_wall = timed([sys.executable, str(BASELINE), "--data", data, "--stream", "documents",
+    base_wall, base_cpu = timed([sys.executable, str(BASELINE), "--data", data, "--stream", "documents",
                        "--threads", str(threads), "--json", str(base_json)], env, work / f"{tag}_baseline.log", timeout)
     base = baseline_result(base_json)
     run_dir, cache = work / f"{tag}_chatforge", work / f"{tag}_cache"
     load_c = load_avg()
-    cf_wall = timed([sys.executable, "-m", "chatforge", "pretrain", "--config", config, "--out", str(run_dir),
+    cf_wall, cf_cpu = timed([sys.executable, "-m", "chatforge", "pretrain", "--config", config, "--out", str(run_dir),
                      f"--data.path={data}", f"--train.threads={threads}", "--train.progress=false"],
                     {**env, "CHATFORGE_CACHE": str(cache)}, work / f"{tag}_chatforge.log", timeout)
     cf = chatforge_result(run_dir)
@@ -125,7 +135,8 @@ def run_corpus(data: str, config: str, threads: int, work: Path, timeout: float,
             "chatforge_wall_s": cf_wall, "chatforge_val": cf["val_loss"], "chatforge_train_s": cf["train_s"],
             "chatforge_eval_s": cf["eval_s"], "chatforge_startup_s": cf_wall - (cf["run_s"] or cf_wall),
             "chatforge_setup_save_s": (cf["run_s"] or 0) - (cf["train_s"] or 0) - cf["eval_s"],
-            "chatforge_load": load_c, **v, "load_after": load_avg()}
+            "chatforge_load": load_c, **v, "load_after": load_avg(), "baseline_cpu_s": base_cpu,
+            "chatforge_cpu_s": cf_cpu, "cpu_ratio": cf_cpu / base_cpu if v["reached"] and base_cpu else math.inf}
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -154,7 +165,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     print_table([{**r, "reached": "yes" if r["reached"] else "NO"} for r in rows],
                 ["repeat", "corpus", "baseline_val", "baseline_wall_s", "chatforge_val", "chatforge_wall_s",
                  "chatforge_train_s", "chatforge_startup_s", "chatforge_setup_save_s", "chatforge_eval_s",
-                 "reached", "ratio", "baseline_load", "chatforge_load"],
+                 "reached", "ratio", "baseline_cpu_s", "chatforge_cpu_s", "cpu_ratio", "baseline_load",
+                 "chatforge_load"],
                 title=f"time to the baseline's final val loss ({a.config}, {a.threads} threads)")
     write_json(a.json, {"machine": machine_info(), "args": vars(a), "rows": rows})
     return rows

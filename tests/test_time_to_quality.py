@@ -120,7 +120,7 @@ def test_results_without_a_loss_are_refused(tmp_path):
 def test_main_runs_baseline_then_chatforge_per_corpus(tmp_path, monkeypatch):
     """The script's flow with the two processes faked: commands, the same data path for both, the table row."""
     calls = []
-    walls = iter([160.0, 76.0, 150.0, 80.0])
+    walls = iter([(160.0, 300.0), (76.0, 140.0), (150.0, 290.0), (80.0, 150.0)])
 
     def fake_timed(cmd, env, log, timeout):
         calls.append(cmd)
@@ -143,4 +143,14 @@ def test_main_runs_baseline_then_chatforge_per_corpus(tmp_path, monkeypatch):
     assert rows[0]["reached"] and rows[0]["ratio"] == pytest.approx(76 / 160)
     assert not rows[1]["reached"] and math.isinf(rows[1]["ratio"])
     assert rows[0]["chatforge_startup_s"] == pytest.approx(6.0)
+    assert rows[0]["cpu_ratio"] == pytest.approx(140 / 300) and math.isinf(rows[1]["cpu_ratio"])
     assert json.loads((tmp_path / "out.json").read_text())["rows"][0]["corpus"] == "a.txt"
+
+
+def test_timed_measures_a_process_and_reports_its_failure(tmp_path):
+    import sys
+
+    wall, cpu = ttq.timed([sys.executable, "-c", "sum(range(10**6))"], {}, tmp_path / "ok.log", timeout=60)
+    assert wall > 0 and 0 < cpu < wall + 5
+    with pytest.raises(RuntimeError, match="exited with 3.*boom"):
+        ttq.timed([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], {}, tmp_path / "bad.log", timeout=60)
