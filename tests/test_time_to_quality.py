@@ -154,3 +154,13 @@ def test_timed_measures_a_process_and_reports_its_failure(tmp_path):
     assert wall > 0 and 0 < cpu < wall + 5
     with pytest.raises(RuntimeError, match="(?s)exited with 3.*boom"):
         ttq.timed([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], {}, tmp_path / "bad.log", timeout=60)
+
+
+def test_speedrun_preset_and_its_first_name_are_the_same_config():
+    from chatforge.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    new, old = load_config("pretrain", root / "speedrun.yaml"), load_config("pretrain", root / "shakespeare_speedrun.yaml")
+    assert new == old
+    assert (new.model.n_layer, new.model.n_head, new.model.n_embd, new.model.block_size) == (4, 4, 128, 64)
+    assert (new.tokenizer.vocab_size, new.data.val_split, new.data.val_fraction, new.train.eval_batches) == (0, "tail", 0.1, 0)
