@@ -74,10 +74,10 @@ def git_commit() -> str:
 
 def provenance() -> dict[str, Any]:
     """Versions, commit, platform and time of this run."""
-    try:
-        import transformers  # optional at run time
+    try:  # the installed version, read from its metadata: importing transformers costs seconds
+        from importlib.metadata import version
 
-        tv = transformers.__version__
+        tv = version("transformers")
     except Exception:
         tv = None
     return {

@@ -11,6 +11,14 @@ Run the nanoGPT README CPU configuration on Tiny Shakespeare (character level) a
 time and the validation loss over the full validation split::
 
     python benchmarks/peers/nanogpt_style.py --data ../shared/data/tinyshakespeare.txt
+
+``--stream nanogpt`` (the default) is nanoGPT's shakespeare_char preparation: sorted characters -> ids,
+the first 90% of the text for training, the last 10% for validation. ``--stream documents`` reads the
+text as chatforge's pretraining loader does with a bytes-only vocabulary (``tokenizer.vocab_size: 0``),
+so that both loops train and validate on the same symbols (benchmarks/time_to_quality.py): UTF-8 bytes
+(one id per byte value present; on ASCII text that is one id per character, as above), the text cut
+into documents at ``<|endoftext|>`` (blank ones dropped), each document preceded by one end-of-text id,
+and the last ``int(0.1 * len(stream))`` ids of that stream held out.
 """
 
 from __future__ import annotations
@@ -188,9 +196,34 @@ def char_data(path: str, val_fraction: float = 0.1):
     return ids[:n], ids[n:], len(chars)
 
 
+EOT = "<|endoftext|>"
+
+
+def document_stream(text: str) -> list[bytes]:
+    """The documents of ``text`` as chatforge's .txt reader cuts them: split at ``<|endoftext|>``, blank
+    (whitespace-only) documents dropped, each kept exactly (its newlines included), as UTF-8 bytes."""
+    return [d.encode("utf-8") for d in text.split(EOT) if d.strip()]
+
+
+def document_data(path: str, val_fraction: float = 0.1):
+    """(train ids, val ids, vocab) by chatforge's pretraining rule on a bytes-only vocabulary: every
+    document is ``<|endoftext|> + its bytes``; ids are the sorted byte values present, then one id for
+    the end-of-text mark; the last ``int(val_fraction * len(stream))`` ids are the validation split."""
+    docs = document_stream(open(path, encoding="utf-8").read())
+    values = sorted(set().union(*(set(d) for d in docs)))  # byte values present
+    lut = np.zeros(256, dtype=np.uint16)
+    lut[values] = np.arange(len(values), dtype=np.uint16)
+    eot = len(values)
+    ids = np.concatenate([np.concatenate([[eot], lut[np.frombuffer(d, dtype=np.uint8)]]) for d in docs]).astype(np.uint16)
+    tail = int(len(ids) * val_fraction)
+    return ids[: len(ids) - tail], ids[len(ids) - tail :], eot + 1
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
+    p.add_argument("--stream", choices=("nanogpt", "documents"), default="nanogpt",
+                   help="nanogpt: sorted characters, 90/10 split; documents: chatforge's bytes-only rule (see above)")
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
     p.add_argument("--n_embd", type=int, default=128)
@@ -212,13 +245,14 @@ def main():
     set_threads(a.threads)
     torch.manual_seed(a.seed)
     t_start = time.time()
-    train, val, vocab = char_data(a.data)
+    train, val, vocab = (char_data if a.stream == "nanogpt" else document_data)(a.data)
     cfg = GPTConfig(block_size=a.block_size, vocab_size=vocab, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
     model = GPT(cfg)
     opt = configure_optimizer(model, a.lr, a.weight_decay, (0.9, a.beta2), "cpu")
     gen = torch.Generator().manual_seed(a.seed)
     step = make_step(model, opt, lambda: get_batch(train, a.block_size, a.batch_size, gen))
-    print(f"nanogpt-style: {model.num_params() / 1e6:.2f}M parameters, vocab {vocab}, {a.max_iters} iters")
+    print(f"nanogpt-style: {model.num_params() / 1e6:.2f}M parameters, vocab {vocab}, {len(train):,} train / "
+          f"{len(val):,} val tokens, {a.max_iters} iters")
     t_train = time.time()
     for it in range(a.max_iters):
         for g in opt.param_groups:
@@ -237,7 +271,8 @@ def main():
     if a.json:
         from benchmarks.common import write_json
 
-        write_json(a.json, {"machine": machine_info(), "args": vars(a), "val_loss": val_loss, "train_s": train_s,
+        write_json(a.json, {"machine": machine_info(), "args": vars(a), "val_loss": val_loss, "vocab": vocab,
+                            "train_tokens": len(train), "val_tokens": len(val), "train_s": train_s,
                             "eval_s": eval_s, "wall_s": wall, "tokens_per_s": tps})
 
 

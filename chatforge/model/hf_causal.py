@@ -318,6 +318,8 @@ def embeddings(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
 def new_like(model: nn.Module) -> nn.Module:
     """A new, unsharded model of the same class and shapes as ``model`` (native or wrapped transformers), without
     LoRA adapters (model/load.fresh_like adds the same adapter layout)."""
+    if isinstance(model, (GPT, ScalarModel)):  # native: no transformers import (seconds of start-up)
+        return type(model)(model.cfg, model.vocab_size)
     T = _transformers()
     if isinstance(model, HFCausalLM):
         return HFCausalLM(T.AutoModelForCausalLM.from_config(
@@ -325,6 +327,4 @@ def new_like(model: nn.Module) -> nn.Module:
     if isinstance(model, HFScalarModel):
         return HFScalarModel(T.AutoModelForSequenceClassification.from_config(
             model.hf.config, dtype=torch.float32, trust_remote_code=model.cfg.trust_remote_code), model.cfg)
-    if isinstance(model, (GPT, ScalarModel)):
-        return type(model)(model.cfg, model.vocab_size)
     raise TypeError(f"fresh_like: unsupported model {type(model).__name__}")

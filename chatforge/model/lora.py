@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -47,6 +48,8 @@ def _is_linear(m: nn.Module) -> bool:
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every peft LoRA layer in ``model``."""
+    if "peft" not in sys.modules:  # no peft layer exists before peft is imported (importing it costs seconds)
+        return []
     from peft.tuners.lora import LoraLayer
 
     return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)]
