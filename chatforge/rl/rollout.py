@@ -22,7 +22,6 @@ are chatforge.losses'; the update loop is chatforge.rl.update.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -36,6 +35,7 @@ from chatforge.engine import Engine
 from chatforge.rl.prompts import PromptLoader, PromptSet
 from chatforge.rl.roles import Roles
 from chatforge.rl.stats import check_finite, final_scores, global_sums
+from chatforge.rl.timing import PhaseTimer
 from chatforge.trainer import Trainer
 
 
@@ -168,7 +168,7 @@ class Rollout:
     raw: torch.Tensor  # (B,) reward before normalisation
     norm: torch.Tensor  # (B,) normalised reward (RM) or the function's value
     score: torch.Tensor  # (B,) after clipping and the missing-EOS penalty
-    gen_s: float  # seconds spent generating
+    timer: PhaseTimer  # seconds per phase of this step (gen, logp, ref, reward; the stage adds its own)
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -189,41 +189,47 @@ def chunked(batch: RolloutBatch, rows_per_chunk: int, fn: Callable[[RolloutBatch
 
 
 def collect(trainer: Trainer, roles: Roles, prompts: PromptSet, loader: PromptLoader, rl: RLConfig, *, seed: int,
-            step: int, rank: int, micro_rows: int, repeat: int = 1) -> Rollout:
-    """The next prompts (each ``repeat`` times, consecutively), sampled responses, old/ref log-probs, scores."""
+            step: int, rank: int, micro_rows: int, repeat: int = 1, old_logp: bool = True) -> Rollout:
+    """The next prompts (each ``repeat`` times, consecutively), sampled responses, old/ref log-probs, scores.
+
+    ``old_logp=False``: no old log-probs pass (the caller's update takes them from its own first forward, which
+    runs under the same weights when the update is one optimizer step)."""
     tok, dev = roles.tok, roles.device
     rows = loader.next()
     prompt_ids = [prompts.ids[i] for i in rows for _ in range(repeat)]
     prompt_texts = [prompts.texts[i] for i in rows for _ in range(repeat)]
     actor = D.unwrap(trainer.models["actor"])
-    t0 = time.time()
-    with D.gathered(trainer.models["actor"]) as gen_actor, trainer.autocast():  # FSDP: gather once, decode freely
+    timer = PhaseTimer(dev)
+    with timer.phase("gen"), D.gathered(trainer.models["actor"]) as gen_actor, trainer.autocast():  # FSDP: gather once
         s = sample(gen_actor, prompt_ids, rl.max_new_tokens, rl.temperature, tok.end_id, tok.pad_id,
                    step_generator(seed, step, rank, dev))
-    gen_s = time.time() - t0
     batch = build_batch(prompt_ids, s.response_ids, tok.pad_id, tok.end_id).to(dev)
     T = rl.temperature
     with torch.no_grad(), trainer.autocast():
-        batch.extra["old_logp"] = chunked(batch, micro_rows, lambda b: response_logprobs(actor, b, T)[0])
+        if old_logp:
+            with timer.phase("logp"):
+                batch.extra["old_logp"] = chunked(batch, micro_rows, lambda b: response_logprobs(actor, b, T)[0])
         if roles.ref is not None:
-            batch.extra["ref_logp"] = roles.frozen_forward(
-                lambda: chunked(batch, micro_rows, lambda b: response_logprobs(roles.ref, b, T)[0]))
-    response_texts = [tok.decode(r[:-1] if f else r) for r, f in zip(batch.response_ids, batch.finished.tolist())]
-    with roles.frozen():
-        raw, norm = roles.reward.score(batch.prompt_ids, batch.response_ids, prompt_texts, response_texts)
-    raw = torch.as_tensor(raw, dtype=torch.float32).to(dev)
-    norm = torch.as_tensor(norm, dtype=torch.float32).to(dev)
+            with timer.phase("ref"):
+                batch.extra["ref_logp"] = roles.frozen_forward(
+                    lambda: chunked(batch, micro_rows, lambda b: response_logprobs(roles.ref, b, T)[0]))
+    with timer.phase("reward"):
+        response_texts = [tok.decode(r[:-1] if f else r) for r, f in zip(batch.response_ids, batch.finished.tolist())]
+        with roles.frozen():
+            raw, norm = roles.reward.score(batch.prompt_ids, batch.response_ids, prompt_texts, response_texts)
+        raw = torch.as_tensor(raw, dtype=torch.float32).to(dev)
+        norm = torch.as_tensor(norm, dtype=torch.float32).to(dev)
     check_finite("the rewards", norm, step)
-    return Rollout(batch, prompt_texts, response_texts, raw, norm, final_scores(norm, batch.finished, rl), gen_s)
+    return Rollout(batch, prompt_texts, response_texts, raw, norm, final_scores(norm, batch.finished, rl), timer)
 
 
 def rollout_metrics(r: Rollout) -> dict[str, float]:
-    """Global means over the step's responses (every rank's, one all-reduce)."""
+    """Global means over the step's responses (every rank's, one all-reduce), and the seconds per phase so far."""
     b = r.batch
     n, raw, norm, score, length, eos = global_sums(len(b), r.raw.sum(), r.norm.sum(), r.score.sum(),
                                                    b.response_lengths.sum(), b.finished.float().sum())
     return {"reward_raw": raw / n, "reward": norm / n, "score": score / n, "response_length": length / n,
-            "eos_fraction": eos / n, "tokens": length, "gen_s": r.gen_s}
+            "eos_fraction": eos / n, "tokens": length, **r.timer.metrics()}
 
 
 def log_samples(trainer: Trainer, step: int, r: Rollout, every: int, n: int = 4) -> None:

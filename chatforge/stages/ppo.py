@@ -33,6 +33,7 @@ from chatforge.rl.roles import check_rl_config, disable_dropout, load_roles, pri
 from chatforge.rl.rollout import (RolloutBatch, chunked, collect, log_samples, response_logprobs, response_values,
                                   rollout_metrics)
 from chatforge.rl.stats import check_finite, global_masked_moments, global_sums
+from chatforge.rl.timing import PhaseTimer
 from chatforge.rl.update import update_epochs
 from chatforge.stages.common import finish_rl, stage_entry, start
 from chatforge.trainer import Trainer
@@ -67,13 +68,13 @@ def print_plan(rl, roles, critic: torch.nn.Module, world_size: int) -> None:
 
 
 def advantages(trainer: Trainer, b: RolloutBatch, score: torch.Tensor, beta: float, rl, micro_rows: int,
-               step: int) -> tuple[torch.Tensor, torch.Tensor]:
+               step: int, timer: Optional[PhaseTimer] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards (the score at the last response token - beta * KL per token) -> GAE advantages (whitened over every
     rank) and returns, stored in ``b.extra`` with the critic's values; returns (per-token KL (B, R), non-score
     reward per row (B,))."""
     m = b.response_mask  # (B, R)
     critic = D.unwrap(trainer.models["critic"])
-    with torch.no_grad(), trainer.autocast():
+    with torch.no_grad(), trainer.autocast(), (timer or PhaseTimer()).phase("value"):
         b.extra["values"] = chunked(b, micro_rows, lambda s: response_values(critic, s))  # (B, R)
     kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], rl.kl_estimator) * m  # (B, R)
     rewards, non_score = losses.rlhf_rewards(score, kl, m, beta)  # (B, R), (B,)
@@ -132,13 +133,14 @@ def run(cfg: Config, out: str | Path) -> dict:
     def step_fn(step: int) -> dict:
         r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank, micro_rows=MB)
         b, m, beta = r.batch, r.batch.response_mask, kl_ctl.value
-        kl, non_score = advantages(trainer, b, r.score, kl_ctl.value, rl, MB, step)
+        kl, non_score = advantages(trainer, b, r.score, kl_ctl.value, rl, MB, step, r.timer)
         n, kl_sum, ns_sum = global_sums(len(b), kl.sum(), non_score.sum())
         _, var_ret = global_masked_moments(b.extra["returns"], m)
         _, var_err = global_masked_moments(b.extra["returns"] - b.extra["values"], m)
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-        stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
-                              generator=gen, micro_step=micro_step, summarise=summarise)
+        with r.timer.phase("update"):
+            stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
+                                  generator=gen, micro_step=micro_step, summarise=summarise)
         kl_ctl.update(kl_sum / n, int(n))
         log_samples(trainer, step, r, rl.sample_every)
         return {"loss": stats["policy_loss"] + rl.vf_coef * stats["value_loss"], **rollout_metrics(r),
