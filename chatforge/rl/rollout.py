@@ -32,6 +32,8 @@ from chatforge import losses
 from chatforge.config import ConfigError
 from chatforge.config import RLConfig
 from chatforge.engine import Engine
+from chatforge.model.gpt import GPT
+from chatforge.rl.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
 from chatforge.rl.prompts import PromptLoader, PromptSet
 from chatforge.rl.roles import Roles
 from chatforge.rl.stats import check_finite, final_scores, global_sums
@@ -130,9 +132,24 @@ def sample(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_
     return Sampled(res.tokens, res.finished, res.logprobs)
 
 
+def _plain_gpt(model: torch.nn.Module) -> Optional[GPT]:
+    """``model`` itself when it is a native GPT with no wrapper around it (no DDP, compile or FSDP), else None."""
+    if type(model).forward is GPT.forward and not D.is_fsdp(model):
+        return model
+    return None
+
+
 def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """The logits that score each response token: (B, R, V), from one forward over (B, P + R)."""
+    """The logits that score each response token: (B, R, V), from one forward over (B, P + R).
+
+    A plain native GPT runs its LM head on the R scoring positions only (its forward is ``lm_head(model(...))``):
+    the prompt positions' logits are never read, and at a 2,048-id vocabulary the head is ~25% of a 1M-parameter
+    model's forward. Wrapped models (DDP, FSDP, compile) and other causal LMs run their whole forward."""
     P = batch.prompt_len
+    gpt = _plain_gpt(model)
+    if gpt is not None:
+        h = gpt.model(batch.input_ids, batch.attention_mask)  # (B, P + R, C)
+        return gpt.lm_head(h[:, P - 1:-1])  # (B, R, V)
     logits = model(batch.input_ids, attention_mask=batch.attention_mask)  # (B, P + R, V)
     return logits[:, P - 1:-1]  # (B, R, V): position P + j - 1 predicts response token j
 
@@ -178,11 +195,22 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return g
 
 
-def chunked(batch: RolloutBatch, rows_per_chunk: int, fn: Callable[[RolloutBatch], torch.Tensor]) -> torch.Tensor:
-    """fn over chunks of ``rows_per_chunk`` rows, padded back to (B, R) fp32."""
+def row_chunks(batch: RolloutBatch, rows: Sequence[int], max_rows: int, overhead: float) -> list[torch.Tensor]:
+    """``rows`` of ``batch`` grouped for forward passes of at most ``max_rows`` rows: length-sorted chunks that
+    waste little compute on padding (chatforge/rl/chunks.py); each a (b,) long tensor of row indices."""
+    rows = list(rows)
+    plan = plan_chunks([len(batch.prompt_ids[i]) for i in rows], [len(batch.response_ids[i]) for i in rows],
+                       max_rows, overhead)
+    return [torch.tensor([rows[j] for j in c], dtype=torch.long) for c in plan]
+
+
+def chunked(batch: RolloutBatch, rows_per_chunk: int, fn: Callable[[RolloutBatch], torch.Tensor],
+            overhead: float = FEWEST_CHUNKS) -> torch.Tensor:
+    """fn over length-sorted chunks of at most ``rows_per_chunk`` rows (:func:`row_chunks`), padded back to (B, R)
+    fp32."""
     B, R = batch.response_mask.shape
     out = torch.zeros((B, R), dtype=torch.float32, device=batch.input_ids.device)
-    for rows in torch.arange(B).split(max(1, rows_per_chunk)):
+    for rows in row_chunks(batch, range(B), rows_per_chunk, overhead):
         v = fn(batch.select(rows))  # (b, r)
         out[rows.to(out.device), :v.shape[1]] = v.float()
     return out
@@ -204,15 +232,16 @@ def collect(trainer: Trainer, roles: Roles, prompts: PromptSet, loader: PromptLo
         s = sample(gen_actor, prompt_ids, rl.max_new_tokens, rl.temperature, tok.end_id, tok.pad_id,
                    step_generator(seed, step, rank, dev))
     batch = build_batch(prompt_ids, s.response_ids, tok.pad_id, tok.end_id).to(dev)
-    T = rl.temperature
+    T, over = rl.temperature, call_overhead_tokens(roles.model_cfg.n_embd, dev)
     with torch.no_grad(), trainer.autocast():
         if old_logp:
             with timer.phase("logp"):
-                batch.extra["old_logp"] = chunked(batch, micro_rows, lambda b: response_logprobs(actor, b, T)[0])
+                batch.extra["old_logp"] = chunked(batch, micro_rows, lambda b: response_logprobs(actor, b, T)[0],
+                                                  over)
         if roles.ref is not None:
             with timer.phase("ref"):
                 batch.extra["ref_logp"] = roles.frozen_forward(
-                    lambda: chunked(batch, micro_rows, lambda b: response_logprobs(roles.ref, b, T)[0]))
+                    lambda: chunked(batch, micro_rows, lambda b: response_logprobs(roles.ref, b, T)[0], over))
     with timer.phase("reward"):
         response_texts = [tok.decode(r[:-1] if f else r) for r, f in zip(batch.response_ids, batch.finished.tolist())]
         with roles.frozen():

@@ -21,6 +21,7 @@ import torch
 
 from chatforge import losses
 from chatforge.config import Config, ConfigError
+from chatforge.rl.chunks import call_overhead_tokens
 from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.roles import check_rl_config, load_roles, print_role_memory, reward_module
 from chatforge.rl.rollout import RolloutBatch, collect, log_samples, response_logprobs, rollout_metrics
@@ -131,7 +132,8 @@ def run(cfg: Config, out: str | Path) -> dict:
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
-                                  generator=gen, micro_step=micro_step, summarise=summarise)
+                                  generator=gen, micro_step=micro_step, summarise=summarise,
+                                  overhead=call_overhead_tokens(roles.model_cfg.n_embd, info.device))
         if "kl" in stats:  # the rollout's KL, summed in the update (lazy_old)
             kl_metric["kl"] = stats.pop("kl")
         log_samples(trainer, step, r, rl.sample_every)

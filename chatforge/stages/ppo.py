@@ -25,6 +25,7 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.model.load import load_scalar_model, scalar_from_causal
 from chatforge.model.lora import apply_lora
+from chatforge.rl.chunks import call_overhead_tokens
 from chatforge.rl.critic import NormalisedCritic, fold_scale
 from chatforge.rl.kl_controller import make_kl_controller
 from chatforge.rl.reward import RewardModelScorer
@@ -75,7 +76,8 @@ def advantages(trainer: Trainer, b: RolloutBatch, score: torch.Tensor, beta: flo
     m = b.response_mask  # (B, R)
     critic = D.unwrap(trainer.models["critic"])
     with torch.no_grad(), trainer.autocast(), (timer or PhaseTimer()).phase("value"):
-        b.extra["values"] = chunked(b, micro_rows, lambda s: response_values(critic, s))  # (B, R)
+        over = call_overhead_tokens(trainer.model_cfg.n_embd, b.input_ids.device)
+        b.extra["values"] = chunked(b, micro_rows, lambda s: response_values(critic, s), over)  # (B, R)
     kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], rl.kl_estimator) * m  # (B, R)
     rewards, non_score = losses.rlhf_rewards(score, kl, m, beta)  # (B, R), (B,)
     adv, returns = losses.gae(rewards, b.extra["values"], m, rl.gamma, rl.lam)  # (B, R) each
@@ -140,7 +142,8 @@ def run(cfg: Config, out: str | Path) -> dict:
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
-                                  generator=gen, micro_step=micro_step, summarise=summarise)
+                                  generator=gen, micro_step=micro_step, summarise=summarise,
+                                  overhead=call_overhead_tokens(roles.model_cfg.n_embd, info.device))
         kl_ctl.update(kl_sum / n, int(n))
         log_samples(trainer, step, r, rl.sample_every)
         return {"loss": stats["policy_loss"] + rl.vf_coef * stats["value_loss"], **rollout_metrics(r),
