@@ -69,14 +69,15 @@ class RolloutBatch:
                             {k: mv(v) for k, v in self.extra.items()})
 
     def select(self, rows: torch.Tensor) -> "RolloutBatch":
-        """The given rows, with columns that are padding in every one of them trimmed (less compute)."""
+        """The given rows, with columns that are padding in every one of them trimmed (less compute). The lengths
+        come from the token lists, so selecting never waits for the device."""
+        sel = rows.tolist()
         rows = rows.to(self.input_ids.device)
         am = self.attention_mask[rows]  # (b, P + R)
         P = self.prompt_len
-        cut = P - int(am[:, :P].sum(1).max().item())  # columns on the left that are padding in every row
-        R = max(1, int(self.response_mask[rows].sum(1).max().item()))
+        cut = P - max(len(self.prompt_ids[i]) for i in sel)  # columns on the left that are padding in every row
+        R = max(1, max(len(self.response_ids[i]) for i in sel))
         ex = {k: (v[rows][:, :R] if v.dim() == 2 else v[rows]) for k, v in self.extra.items()}
-        sel = rows.tolist()
         return RolloutBatch(self.input_ids[rows][:, cut:P + R], am[:, cut:P + R], self.response_mask[rows][:, :R],
                             P - cut, self.finished[rows], [self.prompt_ids[i] for i in sel],
                             [self.response_ids[i] for i in sel], ex)

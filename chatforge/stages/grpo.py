@@ -124,11 +124,14 @@ def run(cfg: Config, out: str | Path) -> dict:
                     micro_rows=MB, repeat=G, old_logp=not lazy_old)
         b, m = r.batch, r.batch.response_mask  # m (N*G, R)
         b.extra["advantages"] = advantages(r.score, algo, G, rl.grpo_eps)  # (N*G,)
-        n, zero_groups = global_sums(len(b) // G, (r.score.view(-1, G).std(dim=1) == 0).float().sum())
+        zero = (r.score.view(-1, G).std(dim=1) == 0).float().sum()
         kl_metric = {}
         if "ref_logp" in b.extra and not lazy_old:
             kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], "k1") * m  # (B, R)
-            kl_metric["kl"] = global_sums(kl.sum())[0] / (n * G)
+            n, zero_groups, kl_sum = global_sums(len(b) // G, zero, kl.sum())  # one all-reduce
+            kl_metric["kl"] = kl_sum / (n * G)
+        else:
+            n, zero_groups = global_sums(len(b) // G, zero)
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,

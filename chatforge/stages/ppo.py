@@ -33,7 +33,7 @@ from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.roles import check_rl_config, disable_dropout, load_roles, print_role_memory, reward_module
 from chatforge.rl.rollout import (RolloutBatch, chunked, collect, log_samples, response_logprobs, response_values,
                                   rollout_metrics)
-from chatforge.rl.stats import check_finite, global_masked_moments, global_sums
+from chatforge.rl.stats import check_finite, global_masked_moments, global_sums, masked_moment_sums, moments
 from chatforge.rl.timing import PhaseTimer
 from chatforge.rl.update import update_epochs
 from chatforge.stages.common import finish_rl, stage_entry, start
@@ -136,9 +136,10 @@ def run(cfg: Config, out: str | Path) -> dict:
         r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank, micro_rows=MB)
         b, m, beta = r.batch, r.batch.response_mask, kl_ctl.value
         kl, non_score = advantages(trainer, b, r.score, kl_ctl.value, rl, MB, step, r.timer)
-        n, kl_sum, ns_sum = global_sums(len(b), kl.sum(), non_score.sum())
-        _, var_ret = global_masked_moments(b.extra["returns"], m)
-        _, var_err = global_masked_moments(b.extra["returns"] - b.extra["values"], m)
+        n, kl_sum, ns_sum, *sums = global_sums(len(b), kl.sum(), non_score.sum(),  # one all-reduce for all
+                                               *masked_moment_sums(b.extra["returns"], m),
+                                               *masked_moment_sums(b.extra["returns"] - b.extra["values"], m))
+        var_ret, var_err = moments(*sums[:3])[1], moments(*sums[3:])[1]
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
