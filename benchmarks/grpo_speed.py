@@ -11,8 +11,10 @@ no KL term (TRL's GRPO default ``beta=0``; RLOO run with ``beta=0`` too), fp32, 
 * ``trl-grpo`` / ``trl-rloo``: ``trl.GRPOTrainer`` / ``trl.RLOOTrainer`` (``transformers`` generate).
 
 Prints seconds per step, rollout tokens/s (generated tokens / time in generation), peak RSS of each
-run (own process) and chatforge / TRL step-time ratios (target <= 0.5). With random weights the
-responses rarely end early, so both sides generate ~32 tokens per completion.
+run (own process) and chatforge / TRL step-time ratios (target <= 0.5), and where a step's time goes
+(chatforge's per-phase seconds from its metrics rows; TRL's generate time and its no-grad policy and
+reward forwards, its update inside the rest). With random weights the responses rarely end early, so
+both sides generate ~32 tokens per completion.
 
     .venv-bench/bin/python benchmarks/grpo_speed.py
     .venv-bench/bin/python benchmarks/grpo_speed.py --quick

@@ -16,7 +16,10 @@ gamma 1 / lambda 0.95, whitened advantages, value coefficient 0.1, one minibatch
   stop), sampling at temperature 1: ``LlamaForCausalLM.generate`` (KV cache) vs ``Engine.generate``.
 
 Prints s/step, rollout tokens/s and peak RSS (each loop in its own process) and the ratios
-(targets: step time <= 0.5x TRL, peak RSS <= TRL, Engine >= 2x generate tokens/s).
+(targets: step time <= 0.5x TRL, peak RSS <= TRL, Engine >= 2x generate tokens/s), and where a step's
+time goes: chatforge's per-phase seconds from its metrics rows (chatforge/rl/timing.py: gen, logp, ref,
+reward, value, update); TRL's generate time and its no-grad old-logp/ref/value/reward forwards (wrapped
+``forward``/``generate``, peers/trl_common.py), its update inside the rest.
 
     .venv-bench/bin/python benchmarks/ppo_speed.py
     .venv-bench/bin/python benchmarks/ppo_speed.py --quick
