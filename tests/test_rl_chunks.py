@@ -32,8 +32,8 @@ def test_plan_by_hand():
 
 
 def test_call_overhead_tokens():
-    assert call_overhead_tokens(128, "cpu") == 64.0 and call_overhead_tokens(512, "cpu") == 4.0
-    assert call_overhead_tokens(128, "meta") == FEWEST_CHUNKS  # an accelerator: fewest calls, sorted
+    assert call_overhead_tokens("cpu", threads=1) == 48.0 and call_overhead_tokens("cpu", threads=2) == 96.0
+    assert call_overhead_tokens("meta") == FEWEST_CHUNKS  # an accelerator: fewest calls, sorted
 
 
 @pytest.mark.parametrize("overhead", [0.0, 8.0, FEWEST_CHUNKS])

@@ -9,28 +9,30 @@ computes ~1.6x the real tokens. Sorting by length and cutting where it pays remo
 
     sum over chunks of (rows x width + overhead)
 
-by dynamic programming; ``overhead`` is the fixed cost of one more forward (kernel launches, Python) in tokens.
-On a CPU a token costs ~ n_layer * n_embd^2 and a call ~ n_layer, so the overhead in tokens is ~ K / n_embd^2
-(:func:`call_overhead_tokens`); on an accelerator extra calls cost more than padded tokens, so the plan keeps the
-fewest chunks (ceil(rows / max_rows)) and only sorts. The chunks partition the rows: the update's gradient is the
-same sum (up to float rounding), only grouped differently.
+by dynamic programming; ``overhead`` is the fixed cost of one more forward in tokens: kernel launches and Python,
+and above all the matrix products' lower efficiency on few rows. Fitting ``time = call + tokens x per-token`` to a
+forward + backward of the benchmark models (one thread, 16 to 512 tokens, best of 7) gives a call worth ~61 tokens
+at 4 x 128 and ~35 at 6 x 384: :data:`CPU_OVERHEAD` tokens per thread (a product split over threads needs more rows
+to keep each busy). On an accelerator extra calls cost more than padded tokens, so the plan keeps the fewest
+chunks (ceil(rows / max_rows)) and only sorts. The chunks partition the rows: the update's gradient is the same
+sum (up to float rounding), only grouped differently.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-CPU_OVERHEAD = 2**20  # tokens x n_embd^2: one forward call costs ~64 tokens at n_embd 128, ~7 at 384 (measured below)
+CPU_OVERHEAD = 48.0  # tokens per thread that one more forward call costs on a CPU (see the module docstring)
 FEWEST_CHUNKS = 1e9  # the overhead that makes the plan use the fewest chunks
 
 
-def call_overhead_tokens(n_embd: int, device: torch.device | str) -> float:
-    """The cost of one more forward call in tokens (see the module docstring)."""
+def call_overhead_tokens(device: torch.device | str, threads: Optional[int] = None) -> float:
+    """The cost of one more forward call in tokens (see the module docstring); ``threads``: torch's by default."""
     if torch.device(device).type != "cpu":
         return FEWEST_CHUNKS
-    return CPU_OVERHEAD / max(n_embd, 1) ** 2
+    return CPU_OVERHEAD * (threads or torch.get_num_threads())
 
 
 def plan_chunks(prompt_lens: Sequence[int], response_lens: Sequence[int], max_rows: int,

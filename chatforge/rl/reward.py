@@ -112,7 +112,7 @@ class RewardModelScorer:
             raise ValueError("score_ids: an empty prompt+response sequence")
         raw = torch.empty(len(seqs), dtype=torch.float32)  # (N,)
         device = next(self.model.parameters()).device  # read each call: the model may be offloaded
-        over = call_overhead_tokens(getattr(self.cfg, "n_embd", 0), device)
+        over = call_overhead_tokens(device)
         for rows in plan_chunks([len(s) for s in seqs], [0] * len(seqs), self.batch_size, over):  # length-sorted
             raw[rows] = score_sequences(self.model, [seqs[i] for i in rows], self.pad_id, len(rows))  # (b,)
         _check_finite(raw, f"reward model {self.path}")

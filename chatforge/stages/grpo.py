@@ -136,7 +136,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
                                   generator=gen, micro_step=micro_step, summarise=summarise,
-                                  overhead=call_overhead_tokens(roles.model_cfg.n_embd, info.device))
+                                  overhead=call_overhead_tokens(info.device))
         if "kl" in stats:  # the rollout's KL, summed in the update (lazy_old)
             kl_metric["kl"] = stats.pop("kl")
         log_samples(trainer, step, r, rl.sample_every)
