@@ -11,8 +11,10 @@ no KL term (TRL's GRPO default ``beta=0``; RLOO run with ``beta=0`` too), fp32, 
 * ``trl-grpo`` / ``trl-rloo``: ``trl.GRPOTrainer`` / ``trl.RLOOTrainer`` (``transformers`` generate).
 
 Prints seconds per step, rollout tokens/s (generated tokens / time in generation), peak RSS of each
-run (own process) and chatforge / TRL step-time ratios (target <= 0.5). With random weights the
-responses rarely end early, so both sides generate ~32 tokens per completion.
+run (own process) and chatforge / TRL step-time ratios (target <= 0.5), and where a step's time goes
+(chatforge's per-phase seconds from its metrics rows; TRL's generate time and its no-grad policy and
+reward forwards, its update inside the rest). With random weights the responses rarely end early, so
+both sides generate ~32 tokens per completion.
 
     .venv-bench/bin/python benchmarks/grpo_speed.py
     .venv-bench/bin/python benchmarks/grpo_speed.py --quick
@@ -43,7 +45,8 @@ def chatforge_loop(algo: str):
                                            f"train.batch_size={PROMPTS * GROUP}",
                                            f"train.max_steps={a.warmup + a.steps}"], a.warmup, a.threads)
         rows = r.pop("rows")
-        return {**r, "gen_tokens": sum(x["tokens"] for x in rows), "gen_s": sum(x["gen_s"] for x in rows)}
+        return {**r, "gen_tokens": sum(x["tokens"] for x in rows), "gen_s": sum(x["gen_s"] for x in rows),
+                **C.chatforge_phases(rows)}
     return child
 
 
@@ -69,6 +72,7 @@ def trl_loop(algo: str):
         model = AutoModelForCausalLM.from_pretrained(a.dirs["policy"], attn_implementation="sdpa", dtype=torch.float32)
         rm = AutoModelForSequenceClassification.from_pretrained(a.dirs["rm"], num_labels=1, dtype=torch.float32)
         gen = C.GenerateTimer(model)
+        passes = C.PassTimer({"logp": model, "reward": rm}, gen)  # no-grad forwards outside generate
         timer = C.timing_callback()
         with tempfile.TemporaryDirectory() as out:
             args = C.trl_args(Config, out, PROMPTS * GROUP, a.warmup + a.steps, num_generations=GROUP,
@@ -77,8 +81,7 @@ def trl_loop(algo: str):
             trainer = Trainer(model=model, reward_funcs=rm, args=args, train_dataset=ds, processing_class=tok,
                               reward_processing_classes=tok, callbacks=[timer])
             r = C.train_timed(trainer, timer, t0, a.warmup)
-        g = gen.after(a.warmup)
-        return {**r, **g}
+        return {**r, **gen.after(a.warmup), **C.trl_phases(timer, gen, passes, a.warmup)}
     return child
 
 
@@ -92,6 +95,7 @@ def rows(size: str, res: dict, a) -> list[dict]:
     for row in out:
         peer = row["loop"].replace("chatforge", "trl")
         row["step time vs TRL"] = row["s/step"] / by[peer] if peer in by else float("nan")
+    C.print_phases(res, LOOPS, f"size {size}: where a GRPO/RLOO step's time goes")
     return out
 
 

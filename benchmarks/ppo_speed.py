@@ -16,7 +16,10 @@ gamma 1 / lambda 0.95, whitened advantages, value coefficient 0.1, one minibatch
   stop), sampling at temperature 1: ``LlamaForCausalLM.generate`` (KV cache) vs ``Engine.generate``.
 
 Prints s/step, rollout tokens/s and peak RSS (each loop in its own process) and the ratios
-(targets: step time <= 0.5x TRL, peak RSS <= TRL, Engine >= 2x generate tokens/s).
+(targets: step time <= 0.5x TRL, peak RSS <= TRL, Engine >= 2x generate tokens/s), and where a step's
+time goes: chatforge's per-phase seconds from its metrics rows (chatforge/rl/timing.py: gen, logp, ref,
+reward, value, update); TRL's generate time and its no-grad old-logp/ref/value/reward forwards (wrapped
+``forward``/``generate``, peers/trl_common.py), its update inside the rest.
 
     .venv-bench/bin/python benchmarks/ppo_speed.py
     .venv-bench/bin/python benchmarks/ppo_speed.py --quick
@@ -49,7 +52,8 @@ def chatforge_loop(epochs: int):
                                           "rl.sample_every=0", f"train.batch_size={PROMPTS}",
                                           f"train.max_steps={a.warmup + a.steps}"], a.warmup, a.threads)
         rows = r.pop("rows")
-        return {**r, "gen_tokens": sum(x["tokens"] for x in rows), "gen_s": sum(x["gen_s"] for x in rows)}
+        return {**r, "gen_tokens": sum(x["tokens"] for x in rows), "gen_s": sum(x["gen_s"] for x in rows),
+                **C.chatforge_phases(rows)}
     return child
 
 
@@ -80,6 +84,8 @@ def trl_loop(epochs: int):
 
         policy, ref, reward, value = lm(), lm(), scalar(), scalar()
         gen = C.GenerateTimer(policy)
+        # TRL's rollout: old log-probs from generate's scores, then ref, value and reward forwards (no grad)
+        passes = C.PassTimer({"logp": policy, "ref": ref, "value": value.model, "reward": reward.model}, gen)
         timer = C.timing_callback()
         steps = a.warmup + a.steps
         with tempfile.TemporaryDirectory() as out:
@@ -90,7 +96,7 @@ def trl_loop(epochs: int):
             trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                                  value_model=value, train_dataset=ds, callbacks=[timer])
             r = C.train_timed(trainer, timer, t0, a.warmup)
-        return {**r, **gen.after(a.warmup)}
+        return {**r, **gen.after(a.warmup), **C.trl_phases(timer, gen, passes, a.warmup)}
     return child
 
 
@@ -157,6 +163,7 @@ def rows(size: str, res: dict, a) -> list[dict]:
         row["time vs peer"] = row["s/step (or /call)"] / p["s/step (or /call)"] if ok else float("nan")
         row["tokens/s vs peer"] = row["rollout tokens/s"] / p["rollout tokens/s"] if ok else float("nan")
         row["RSS vs peer"] = row["peak RSS MB"] / p["peak RSS MB"] if ok else float("nan")
+    C.print_phases(res, LOOPS[:4], f"size {size}: where a PPO step's time goes")
     return out
 
 

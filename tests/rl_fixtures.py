@@ -17,6 +17,7 @@ import torch
 
 from chatforge.config import load_config
 from chatforge.demo.files import write_world
+from chatforge.rl.timing import PHASE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "configs" / "micro.yaml"
@@ -75,7 +76,7 @@ def train_rows(out: Path) -> list[dict]:
     return [r for r in rows if r["kind"] == "train"]
 
 
-TIMING_KEYS = ("step_s", "elapsed_s", "tokens_per_s", "gen_s")
+TIMING_KEYS = ("step_s", "elapsed_s", "tokens_per_s", *PHASE_KEYS)
 
 
 def comparable(rows: list[dict]) -> list[dict]:

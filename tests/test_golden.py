@@ -21,6 +21,7 @@ import pytest
 from chatforge.config import load_config, to_dict
 from chatforge.demo.files import write_world
 from chatforge.metrics import read_metrics
+from chatforge.rl.timing import PHASE_KEYS
 from tests.conftest import ROOT
 
 MICRO = ROOT / "configs" / "micro.yaml"
@@ -29,7 +30,7 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 # before it) moves the weights by ~1e-7 relative, which a difference of log-probs (k1 KL) shows at ~1e-6 absolute.
 RTOL, ATOL = 1e-5, 1e-5
 # Keys that are wall-clock measurements, not numbers of the algorithm.
-TIMING_KEYS = {"step_s", "elapsed_s", "tokens_per_s", "gen_s", "eval_s", "mfu", "lr_s"}
+TIMING_KEYS = {"step_s", "elapsed_s", "tokens_per_s", "eval_s", "mfu", "lr_s", *PHASE_KEYS}
 # Diagnostics that count float ties, compared to an absolute tolerance: PPO's vf_clipfrac counts tokens where
 # (clip(v, v_old +- eps) - R)^2 > (v - R)^2, and inside the clip range v_old + (v - v_old) differs from v in the
 # last bit, so a 1e-7 change of the weights flips some of those ties.

@@ -14,6 +14,7 @@ from chatforge.model.gpt import GPT
 from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.stats import final_scores
 from chatforge.rl.kl_controller import AdaptiveKLController, FixedKLController, make_kl_controller
+from chatforge.rl.timing import PHASE_KEYS
 from chatforge.rl.rollout import build_batch, response_logprobs, response_values, sample
 from chatforge.stages import ppo
 from chatforge.trainer import Interrupted
@@ -208,6 +209,9 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path, world):
                 "approx_kl", "policy_loss", "value_loss", "explained_variance", "beta", "grad_norm_actor"):
         assert key in rows[-1] and math.isfinite(rows[-1][key]), key
     assert rows[0]["kl"] == 0.0  # the first rollout is the reference policy itself
+    for r in rows:  # where each step's time went (chatforge/rl/timing.py): every phase ran, inside the step
+        phases = [r[k] for k in PHASE_KEYS]
+        assert all(t >= 0 for t in phases) and sum(phases) <= r["step_s"] + 1e-3, r
     samples = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"samples"' in x]
     assert samples and samples[0]["samples"][0]["response"] is not None
     info = json.loads((out / "chatforge.json").read_text())

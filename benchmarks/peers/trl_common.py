@@ -35,7 +35,7 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("CHATFORGE_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as tests/conftest.py
 SFT_DATA = DATA / "sft" / "alpaca_en_demo.json"
 PREF_DATA = DATA / "preference" / "hh_rlhf_harmless_base_test.jsonl.gz"
 PROMPT_DATA = DATA / "prompts" / "oasst_prompt_lottery_en_250_text.jsonl"
@@ -230,15 +230,22 @@ class GenerateTimer:
 
     def __init__(self, model):
         self.calls: list[tuple[float, int]] = []
+        self.starts: list[float] = []  # perf_counter at the start of each call
+        self.active = False  # inside generate (PassTimer leaves the forwards of generation to this timer)
         orig = model.generate
 
         def generate(*args, **kw):
             ids = kw.get("input_ids", args[0] if args else None)
             t0 = time.perf_counter()
-            out = orig(*args, **kw)
+            self.active = True
+            try:
+                out = orig(*args, **kw)
+            finally:
+                self.active = False
             seq = out.sequences if hasattr(out, "sequences") else out
             new = seq.shape[1] - (ids.shape[1] if ids is not None else 0)
             self.calls.append((time.perf_counter() - t0, seq.shape[0] * new))
+            self.starts.append(t0)
             return out
 
         model.generate = generate
@@ -246,6 +253,82 @@ class GenerateTimer:
     def after(self, warmup_calls: int) -> dict:
         c = self.calls[warmup_calls:]
         return {"gen_s": sum(s for s, _ in c), "gen_tokens": sum(n for _, n in c), "gen_calls": len(self.calls)}
+
+    def since(self, t: float) -> float:
+        """Seconds of the generate calls that started after ``t``."""
+        return sum(s for (s, _), t0 in zip(self.calls, self.starts) if t0 >= t)
+
+
+class PassTimer:
+    """Times the no-grad forward calls (the rollout's scoring passes) of named modules, outside ``generate``:
+    wraps each module's ``forward`` (instance attribute). Forwards with gradients (the update) are not
+    recorded: the update is the rest of the step."""
+
+    def __init__(self, modules: dict, gen: Optional[GenerateTimer] = None):
+        import torch
+
+        self.events: list[tuple[float, str, float]] = []  # (start, name, seconds)
+        self._depth = 0
+        for name, module in modules.items():
+            orig = module.forward
+
+            def forward(*args, _orig=orig, _name=name, **kw):
+                if self._depth or (gen is not None and gen.active) or torch.is_grad_enabled():
+                    return _orig(*args, **kw)
+                self._depth += 1
+                t0 = time.perf_counter()
+                try:
+                    return _orig(*args, **kw)
+                finally:
+                    self._depth -= 1
+                    self.events.append((t0, _name, time.perf_counter() - t0))
+
+            module.forward = forward
+
+    def since(self, t: float) -> dict[str, float]:
+        """Seconds per name of the calls that started after ``t``."""
+        out: dict[str, float] = {}
+        for t0, name, s in self.events:
+            if t0 >= t:
+                out[name] = out.get(name, 0.0) + s
+        return out
+
+
+def trl_phases(timer, gen: GenerateTimer, passes: Optional[PassTimer], warmup: int) -> dict:
+    """TRL's per-phase seconds over the timed steps (after ``warmup``): generate, each named scoring pass;
+    the update and everything else is step time minus those."""
+    t = timer.stamps[warmup - 1] if warmup else timer.t_begin
+    out = {"gen_s": gen.since(t)}
+    if passes is not None:
+        out.update({f"{k}_s": v for k, v in passes.since(t).items()})
+    return {"phases": out}
+
+
+PHASE_COLUMNS = ("gen_s", "logp_s", "ref_s", "reward_s", "value_s", "update_s")
+
+
+def chatforge_phases(rows: list[dict]) -> dict:
+    """chatforge's per-phase seconds summed over the timed metrics rows (chatforge/rl/timing.py)."""
+    return {"phases": {k: sum(r.get(k, 0.0) for r in rows) for k in PHASE_COLUMNS if any(k in r for r in rows)}}
+
+
+def print_phases(res: dict, loops, title: str) -> None:
+    """Seconds per step in each phase, and the rest (step time minus the phases), for each finished loop."""
+    from common import print_table
+
+    table = []
+    for name, r, total in finished_loops(res, loops):
+        ph = r.get("phases")
+        if not ph:
+            continue
+        n = len(r["step_s"])
+        row = {"loop": name, "s/step": total / n}
+        row.update({k[:-2]: (ph[k] / n if k in ph else float("nan")) for k in PHASE_COLUMNS})
+        row["rest"] = (total - sum(ph.values())) / n
+        table.append(row)
+    if table:
+        print_table(table, list(table[0]), title=title + " (s/step per phase; n/a = not timed or not run; "
+                                                          "TRL's update is inside 'rest')")
 
 
 def load_hf_tokenizer(policy_dir: str):

@@ -27,6 +27,7 @@ import torch
 from chatforge.config import ConfigError
 from chatforge.errors import ChatforgeError
 from chatforge.model.heads import score_sequences
+from chatforge.rl.chunks import call_overhead_tokens, plan_chunks
 from chatforge.model.load import load_scalar_model
 from chatforge.rundir import RUN_INFO
 from chatforge.tokenizer import ChatTokenizer, render_prompt, render_response
@@ -99,8 +100,9 @@ class RewardModelScorer:
                   response_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw (N,), normalised (N,)) fp32 CPU scores of ``prompt_ids[i] + response_ids[i]``.
 
-        Each sequence is right-padded and read at its last real token. A sequence longer than the
-        RM's context keeps its last ``block_size`` tokens (the end, where the reward is read).
+        Each sequence is right-padded and read at its last real token, in length-sorted batches of at most
+        ``batch_size`` (chatforge/rl/chunks.py). A sequence longer than the RM's context keeps its last
+        ``block_size`` tokens (the end, where the reward is read).
         """
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"score_ids: {len(prompt_ids)} prompts but {len(response_ids)} responses")
@@ -108,7 +110,11 @@ class RewardModelScorer:
         seqs = [s[-self.block_size:] for s in seqs]
         if any(len(s) == 0 for s in seqs):
             raise ValueError("score_ids: an empty prompt+response sequence")
-        raw = score_sequences(self.model, seqs, self.pad_id, self.batch_size)  # (N,)
+        raw = torch.empty(len(seqs), dtype=torch.float32)  # (N,)
+        device = next(self.model.parameters()).device  # read each call: the model may be offloaded
+        over = call_overhead_tokens(device)
+        for rows in plan_chunks([len(s) for s in seqs], [0] * len(seqs), self.batch_size, over):  # length-sorted
+            raw[rows] = score_sequences(self.model, [seqs[i] for i in rows], self.pad_id, len(rows))  # (b,)
         _check_finite(raw, f"reward model {self.path}")
         return raw, (raw - self.mean) / self.std
 

@@ -22,7 +22,6 @@ are chatforge.losses'; the update loop is chatforge.rl.update.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -33,9 +32,12 @@ from chatforge import losses
 from chatforge.config import ConfigError
 from chatforge.config import RLConfig
 from chatforge.engine import Engine
+from chatforge.model.gpt import GPT
+from chatforge.rl.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
 from chatforge.rl.prompts import PromptLoader, PromptSet
 from chatforge.rl.roles import Roles
 from chatforge.rl.stats import check_finite, final_scores, global_sums
+from chatforge.rl.timing import PhaseTimer
 from chatforge.trainer import Trainer
 
 
@@ -67,14 +69,15 @@ class RolloutBatch:
                             {k: mv(v) for k, v in self.extra.items()})
 
     def select(self, rows: torch.Tensor) -> "RolloutBatch":
-        """The given rows, with columns that are padding in every one of them trimmed (less compute)."""
+        """The given rows, with columns that are padding in every one of them trimmed (less compute). The lengths
+        come from the token lists, so selecting never waits for the device."""
+        sel = rows.tolist()
         rows = rows.to(self.input_ids.device)
         am = self.attention_mask[rows]  # (b, P + R)
         P = self.prompt_len
-        cut = P - int(am[:, :P].sum(1).max().item())  # columns on the left that are padding in every row
-        R = max(1, int(self.response_mask[rows].sum(1).max().item()))
+        cut = P - max(len(self.prompt_ids[i]) for i in sel)  # columns on the left that are padding in every row
+        R = max(1, max(len(self.response_ids[i]) for i in sel))
         ex = {k: (v[rows][:, :R] if v.dim() == 2 else v[rows]) for k, v in self.extra.items()}
-        sel = rows.tolist()
         return RolloutBatch(self.input_ids[rows][:, cut:P + R], am[:, cut:P + R], self.response_mask[rows][:, :R],
                             P - cut, self.finished[rows], [self.prompt_ids[i] for i in sel],
                             [self.response_ids[i] for i in sel], ex)
@@ -130,9 +133,24 @@ def sample(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_
     return Sampled(res.tokens, res.finished, res.logprobs)
 
 
+def _plain_gpt(model: torch.nn.Module) -> Optional[GPT]:
+    """``model`` itself when it is a native GPT with no wrapper around it (no DDP, compile or FSDP), else None."""
+    if type(model).forward is GPT.forward and not D.is_fsdp(model):
+        return model
+    return None
+
+
 def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """The logits that score each response token: (B, R, V), from one forward over (B, P + R)."""
+    """The logits that score each response token: (B, R, V), from one forward over (B, P + R).
+
+    A plain native GPT runs its LM head on the R scoring positions only (its forward is ``lm_head(model(...))``):
+    the prompt positions' logits are never read, and at a 2,048-id vocabulary the head is ~25% of a 1M-parameter
+    model's forward. Wrapped models (DDP, FSDP, compile) and other causal LMs run their whole forward."""
     P = batch.prompt_len
+    gpt = _plain_gpt(model)
+    if gpt is not None:
+        h = gpt.model(batch.input_ids, batch.attention_mask)  # (B, P + R, C)
+        return gpt.lm_head(h[:, P - 1:-1])  # (B, R, V)
     logits = model(batch.input_ids, attention_mask=batch.attention_mask)  # (B, P + R, V)
     return logits[:, P - 1:-1]  # (B, R, V): position P + j - 1 predicts response token j
 
@@ -168,7 +186,7 @@ class Rollout:
     raw: torch.Tensor  # (B,) reward before normalisation
     norm: torch.Tensor  # (B,) normalised reward (RM) or the function's value
     score: torch.Tensor  # (B,) after clipping and the missing-EOS penalty
-    gen_s: float  # seconds spent generating
+    timer: PhaseTimer  # seconds per phase of this step (gen, logp, ref, reward; the stage adds its own)
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -178,52 +196,70 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return g
 
 
-def chunked(batch: RolloutBatch, rows_per_chunk: int, fn: Callable[[RolloutBatch], torch.Tensor]) -> torch.Tensor:
-    """fn over chunks of ``rows_per_chunk`` rows, padded back to (B, R) fp32."""
+def row_chunks(batch: RolloutBatch, rows: Sequence[int], max_rows: int, overhead: float) -> list[torch.Tensor]:
+    """``rows`` of ``batch`` grouped for forward passes of at most ``max_rows`` rows: length-sorted chunks that
+    waste little compute on padding (chatforge/rl/chunks.py); each a (b,) long tensor of row indices."""
+    rows = list(rows)
+    plan = plan_chunks([len(batch.prompt_ids[i]) for i in rows], [len(batch.response_ids[i]) for i in rows],
+                       max_rows, overhead)
+    return [torch.tensor([rows[j] for j in c], dtype=torch.long) for c in plan]
+
+
+def chunked(batch: RolloutBatch, rows_per_chunk: int, fn: Callable[[RolloutBatch], torch.Tensor],
+            overhead: float = FEWEST_CHUNKS) -> torch.Tensor:
+    """fn over length-sorted chunks of at most ``rows_per_chunk`` rows (:func:`row_chunks`), padded back to (B, R)
+    fp32."""
     B, R = batch.response_mask.shape
     out = torch.zeros((B, R), dtype=torch.float32, device=batch.input_ids.device)
-    for rows in torch.arange(B).split(max(1, rows_per_chunk)):
+    for rows in row_chunks(batch, range(B), rows_per_chunk, overhead):
         v = fn(batch.select(rows))  # (b, r)
         out[rows.to(out.device), :v.shape[1]] = v.float()
     return out
 
 
 def collect(trainer: Trainer, roles: Roles, prompts: PromptSet, loader: PromptLoader, rl: RLConfig, *, seed: int,
-            step: int, rank: int, micro_rows: int, repeat: int = 1) -> Rollout:
-    """The next prompts (each ``repeat`` times, consecutively), sampled responses, old/ref log-probs, scores."""
+            step: int, rank: int, micro_rows: int, repeat: int = 1, old_logp: bool = True) -> Rollout:
+    """The next prompts (each ``repeat`` times, consecutively), sampled responses, old/ref log-probs, scores.
+
+    ``old_logp=False``: no old log-probs pass (the caller's update takes them from its own first forward, which
+    runs under the same weights when the update is one optimizer step)."""
     tok, dev = roles.tok, roles.device
     rows = loader.next()
     prompt_ids = [prompts.ids[i] for i in rows for _ in range(repeat)]
     prompt_texts = [prompts.texts[i] for i in rows for _ in range(repeat)]
     actor = D.unwrap(trainer.models["actor"])
-    t0 = time.time()
-    with D.gathered(trainer.models["actor"]) as gen_actor, trainer.autocast():  # FSDP: gather once, decode freely
+    timer = PhaseTimer(dev)
+    with timer.phase("gen"), D.gathered(trainer.models["actor"]) as gen_actor, trainer.autocast():  # FSDP: gather once
         s = sample(gen_actor, prompt_ids, rl.max_new_tokens, rl.temperature, tok.end_id, tok.pad_id,
                    step_generator(seed, step, rank, dev))
-    gen_s = time.time() - t0
     batch = build_batch(prompt_ids, s.response_ids, tok.pad_id, tok.end_id).to(dev)
-    T = rl.temperature
+    T, over = rl.temperature, call_overhead_tokens(dev)
     with torch.no_grad(), trainer.autocast():
-        batch.extra["old_logp"] = chunked(batch, micro_rows, lambda b: response_logprobs(actor, b, T)[0])
+        if old_logp:
+            with timer.phase("logp"):
+                batch.extra["old_logp"] = chunked(batch, micro_rows, lambda b: response_logprobs(actor, b, T)[0],
+                                                  over)
         if roles.ref is not None:
-            batch.extra["ref_logp"] = roles.frozen_forward(
-                lambda: chunked(batch, micro_rows, lambda b: response_logprobs(roles.ref, b, T)[0]))
-    response_texts = [tok.decode(r[:-1] if f else r) for r, f in zip(batch.response_ids, batch.finished.tolist())]
-    with roles.frozen():
-        raw, norm = roles.reward.score(batch.prompt_ids, batch.response_ids, prompt_texts, response_texts)
-    raw = torch.as_tensor(raw, dtype=torch.float32).to(dev)
-    norm = torch.as_tensor(norm, dtype=torch.float32).to(dev)
+            with timer.phase("ref"):
+                batch.extra["ref_logp"] = roles.frozen_forward(
+                    lambda: chunked(batch, micro_rows, lambda b: response_logprobs(roles.ref, b, T)[0], over))
+    with timer.phase("reward"):
+        response_texts = [tok.decode(r[:-1] if f else r) for r, f in zip(batch.response_ids, batch.finished.tolist())]
+        with roles.frozen():
+            raw, norm = roles.reward.score(batch.prompt_ids, batch.response_ids, prompt_texts, response_texts)
+        raw = torch.as_tensor(raw, dtype=torch.float32).to(dev)
+        norm = torch.as_tensor(norm, dtype=torch.float32).to(dev)
     check_finite("the rewards", norm, step)
-    return Rollout(batch, prompt_texts, response_texts, raw, norm, final_scores(norm, batch.finished, rl), gen_s)
+    return Rollout(batch, prompt_texts, response_texts, raw, norm, final_scores(norm, batch.finished, rl), timer)
 
 
 def rollout_metrics(r: Rollout) -> dict[str, float]:
-    """Global means over the step's responses (every rank's, one all-reduce)."""
+    """Global means over the step's responses (every rank's, one all-reduce), and the seconds per phase so far."""
     b = r.batch
     n, raw, norm, score, length, eos = global_sums(len(b), r.raw.sum(), r.norm.sum(), r.score.sum(),
                                                    b.response_lengths.sum(), b.finished.float().sum())
     return {"reward_raw": raw / n, "reward": norm / n, "score": score / n, "response_length": length / n,
-            "eos_fraction": eos / n, "tokens": length, "gen_s": r.gen_s}
+            "eos_fraction": eos / n, "tokens": length, **r.timer.metrics()}
 
 
 def log_samples(trainer: Trainer, step: int, r: Rollout, every: int, n: int = 4) -> None:

@@ -10,21 +10,33 @@ from chatforge.trainer import TrainingError
 
 
 def global_sums(*values: float | torch.Tensor) -> list[float]:
-    """Sum scalars over ranks in one all-reduce."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    """Sum scalars over ranks in one all-reduce; device tensors are stacked where they are (no host round trip
+    per value: one transfer for the whole list)."""
+    dev = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+    t = torch.stack([v.detach().reshape(()).to(dev, torch.float64) if torch.is_tensor(v)
+                     else torch.tensor(float(v), dtype=torch.float64, device=dev) for v in values])  # (n,)
     return D.all_reduce_sum(t).tolist()
 
 
-def global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """(mean, unbiased variance) of x over mask == 1 on every rank together."""
+def masked_moment_sums(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, sum, sum of squares) of x over mask == 1, float64 scalars on x's device (to add over ranks)."""
     m = mask.to(torch.float64)
     xd = x.detach().to(torch.float64)
-    n, s, s2 = global_sums(m.sum(), (xd * m).sum(), (xd * xd * m).sum())
+    return m.sum(), (xd * m).sum(), (xd * xd * m).sum()
+
+
+def moments(n: float, s: float, s2: float) -> tuple[float, float]:
+    """(mean, unbiased variance) from (count, sum, sum of squares); variance 1 below two entries."""
     if n < 2:
         return (s / max(n, 1.0), 1.0)
     mean = s / n
     var = max(s2 / n - mean * mean, 0.0) * n / (n - 1)
     return mean, var
+
+
+def global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(mean, unbiased variance) of x over mask == 1 on every rank together."""
+    return moments(*global_sums(*masked_moment_sums(x, mask)))
 
 
 def check_finite(name: str, x: torch.Tensor, step: int) -> None:

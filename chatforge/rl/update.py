@@ -8,17 +8,19 @@ from typing import Callable
 
 import torch
 
-from chatforge.rl.rollout import RolloutBatch
+from chatforge.rl.chunks import FEWEST_CHUNKS
+from chatforge.rl.rollout import RolloutBatch, row_chunks
 from chatforge.trainer import Trainer
 
 MicroStep = Callable[[RolloutBatch, int], tuple[torch.Tensor, float, dict]]
 
 
 def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibatches: int, micro_rows: int,
-                  generator: torch.Generator, micro_step: MicroStep,
-                  summarise: Callable[[dict], dict]) -> dict[str, float]:
+                  generator: torch.Generator, micro_step: MicroStep, summarise: Callable[[dict], dict],
+                  overhead: float = FEWEST_CHUNKS) -> dict[str, float]:
     """``epochs`` passes over ``minibatches`` shuffled minibatches of this rank's rollout rows, one optimizer step
-    per minibatch, micro-batches of ``micro_rows`` rows.
+    per minibatch, micro-batches of at most ``micro_rows`` rows: length-sorted, cut where padding would cost more
+    than ``overhead`` tokens per extra forward (chatforge/rl/chunks.py).
 
     ``micro_step(rows, epoch)`` returns the micro-batch's ``(loss_sum, count, sums)`` (see Trainer.accumulate),
     so micro-batching and ranks leave each minibatch's gradient unchanged. ``summarise(result)`` turns one
@@ -31,7 +33,7 @@ def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibat
     for epoch in range(epochs):
         perm = torch.randperm(n_rows, generator=generator)
         for mb in perm.tensor_split(M):
-            chunks = [batch.select(rows) for rows in mb.split(max(1, micro_rows))]
+            chunks = [batch.select(rows) for rows in row_chunks(batch, mb.tolist(), micro_rows, overhead)]
             res = trainer.accumulate(chunks, lambda sub: micro_step(sub, epoch))
             for k, v in summarise(res).items():
                 sums[k] += v

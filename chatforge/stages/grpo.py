@@ -2,7 +2,8 @@
 
 One trainer step = one rollout batch + its update epochs:
   1. rollout    rl.prompts_per_step prompts per rank, each sampled rl.group_size times (the engine, one batch),
-                old log-probs (actor) and, when rl.grpo_kl_coef > 0, reference log-probs (frozen SFT)
+                old log-probs (actor; taken from the update's own forward when the update is one optimizer step,
+                see old_logp_from_update) and, when rl.grpo_kl_coef > 0, reference log-probs (frozen SFT)
   2. advantages one score per response (normalised reward, clipped, + rl.missing_eos_penalty when it never
                 ended), then per group: GRPO (r - mean) / (std + rl.grpo_eps) (0 for a group of equal rewards), or
                 RLOO r - mean of the other G - 1; the same advantage on every token of the response
@@ -20,6 +21,7 @@ import torch
 
 from chatforge import losses
 from chatforge.config import Config, ConfigError
+from chatforge.rl.chunks import call_overhead_tokens
 from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.roles import check_rl_config, load_roles, print_role_memory, reward_module
 from chatforge.rl.rollout import RolloutBatch, collect, log_samples, response_logprobs, rollout_metrics
@@ -50,11 +52,22 @@ def advantages(score: torch.Tensor, algo: str, G: int, eps: float = 1e-4) -> tor
     return losses.rloo_advantages(score.view(-1, G)).reshape(-1)  # (N*G,)
 
 
+def old_logp_from_update(rl, rows: int) -> bool:
+    """Whether the update is ONE optimizer step (rl.ppo_epochs 1, one minibatch), so that every forward of it runs
+    under the rollout's weights: then the old log-probs are the update's own log-probs, detached (ratio 1), and the
+    rollout skips their forward pass (as TRL's GRPOTrainer does with num_iterations=1)."""
+    return rl.ppo_epochs == 1 and min(rl.minibatches, rows) == 1
+
+
 def summarise(res: dict) -> dict:
-    """A minibatch's global sums -> means (loss terms per unit, diagnostics per token), and the gradient norm."""
+    """A minibatch's global sums -> means (loss terms per unit, diagnostics per token), and the gradient norm;
+    with the old log-probs taken in the update, also the rollout's k1 KL to the reference per response."""
     n, n_tok = max(res["count"], 1.0), max(res["tokens"], 1.0)
-    return {**{k: res[k] / n for k in PER_UNIT if k in res}, **{k: res[k] / n_tok for k in PER_TOKEN if k in res},
-            **{k: v for k, v in res.items() if "grad_norm" in k}}
+    out = {**{k: res[k] / n for k in PER_UNIT if k in res}, **{k: res[k] / n_tok for k in PER_TOKEN if k in res},
+           **{k: v for k, v in res.items() if "grad_norm" in k}}
+    if "rollout_kl" in res:
+        out["kl"] = res["rollout_kl"] / max(res["rows"], 1.0)
+    return out
 
 
 @stage_entry
@@ -85,11 +98,17 @@ def run(cfg: Config, out: str | Path) -> dict:
         n_tok = m.sum()
         logp, ent = response_logprobs(actor_net, sub, T, with_entropy=epoch == 0)  # (b, r)
         adv = sub.extra["advantages"][:, None].expand_as(m)  # (b, r): one advantage per response
-        pg, pst = losses.ppo_policy_loss(logp, sub.extra["old_logp"], adv, m, rl.clip_eps,
+        old = sub.extra.get("old_logp")
+        if old is None:  # one optimizer step (old_logp_from_update): this forward runs under the rollout's weights
+            old = logp.detach()  # (b, r)
+        pg, pst = losses.ppo_policy_loss(logp, old, adv, m, rl.clip_eps,
                                          reduction="sequence_sum" if per_seq else "token_sum")
         stats = {"policy_loss": pg.detach(), "clipfrac": pst["clipfrac"] * n_tok,
                  "approx_kl": pst["approx_kl"] * n_tok, "tokens": n_tok}
         loss = pg
+        if "ref_logp" in sub.extra and "old_logp" not in sub.extra:  # the rollout's KL metric (k1, per response)
+            stats["rollout_kl"] = losses.masked_sum(losses.kl_penalty(old, sub.extra["ref_logp"], "k1"), m)
+            stats["rows"] = len(sub)
         if "ref_logp" in sub.extra:
             k3 = losses.kl_penalty(logp, sub.extra["ref_logp"], "k3")  # (b, r)
             kl = losses.masked_mean(k3, m, dim=1).sum() if per_seq else losses.masked_sum(k3, m)
@@ -100,18 +119,26 @@ def run(cfg: Config, out: str | Path) -> dict:
         return loss, (len(sub) if per_seq else n_tok), stats
 
     def step_fn(step: int) -> dict:
+        lazy_old = old_logp_from_update(rl, rl.prompts_per_step * G)
         r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank,
-                    micro_rows=MB, repeat=G)
+                    micro_rows=MB, repeat=G, old_logp=not lazy_old)
         b, m = r.batch, r.batch.response_mask  # m (N*G, R)
         b.extra["advantages"] = advantages(r.score, algo, G, rl.grpo_eps)  # (N*G,)
-        n, zero_groups = global_sums(len(b) // G, (r.score.view(-1, G).std(dim=1) == 0).float().sum())
+        zero = (r.score.view(-1, G).std(dim=1) == 0).float().sum()
         kl_metric = {}
-        if "ref_logp" in b.extra:
+        if "ref_logp" in b.extra and not lazy_old:
             kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], "k1") * m  # (B, R)
-            kl_metric["kl"] = global_sums(kl.sum())[0] / (n * G)
+            n, zero_groups, kl_sum = global_sums(len(b) // G, zero, kl.sum())  # one all-reduce
+            kl_metric["kl"] = kl_sum / (n * G)
+        else:
+            n, zero_groups = global_sums(len(b) // G, zero)
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-        stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
-                              generator=gen, micro_step=micro_step, summarise=summarise)
+        with r.timer.phase("update"):
+            stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
+                                  generator=gen, micro_step=micro_step, summarise=summarise,
+                                  overhead=call_overhead_tokens(info.device))
+        if "kl" in stats:  # the rollout's KL, summed in the update (lazy_old)
+            kl_metric["kl"] = stats.pop("kl")
         log_samples(trainer, step, r, rl.sample_every)
         loss = stats["policy_loss"] + rl.grpo_kl_coef * stats.get("kl_loss", 0.0)
         return {"loss": loss, **rollout_metrics(r), **kl_metric, "zero_std_groups": zero_groups / n, **stats}

@@ -25,6 +25,7 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.model.load import load_scalar_model, scalar_from_causal
 from chatforge.model.lora import apply_lora
+from chatforge.rl.chunks import call_overhead_tokens
 from chatforge.rl.critic import NormalisedCritic, fold_scale
 from chatforge.rl.kl_controller import make_kl_controller
 from chatforge.rl.reward import RewardModelScorer
@@ -32,7 +33,8 @@ from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.roles import check_rl_config, disable_dropout, load_roles, print_role_memory, reward_module
 from chatforge.rl.rollout import (RolloutBatch, chunked, collect, log_samples, response_logprobs, response_values,
                                   rollout_metrics)
-from chatforge.rl.stats import check_finite, global_masked_moments, global_sums
+from chatforge.rl.stats import check_finite, global_masked_moments, global_sums, masked_moment_sums, moments
+from chatforge.rl.timing import PhaseTimer
 from chatforge.rl.update import update_epochs
 from chatforge.stages.common import finish_rl, stage_entry, start
 from chatforge.trainer import Trainer
@@ -67,14 +69,15 @@ def print_plan(rl, roles, critic: torch.nn.Module, world_size: int) -> None:
 
 
 def advantages(trainer: Trainer, b: RolloutBatch, score: torch.Tensor, beta: float, rl, micro_rows: int,
-               step: int) -> tuple[torch.Tensor, torch.Tensor]:
+               step: int, timer: Optional[PhaseTimer] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards (the score at the last response token - beta * KL per token) -> GAE advantages (whitened over every
     rank) and returns, stored in ``b.extra`` with the critic's values; returns (per-token KL (B, R), non-score
     reward per row (B,))."""
     m = b.response_mask  # (B, R)
     critic = D.unwrap(trainer.models["critic"])
-    with torch.no_grad(), trainer.autocast():
-        b.extra["values"] = chunked(b, micro_rows, lambda s: response_values(critic, s))  # (B, R)
+    with torch.no_grad(), trainer.autocast(), (timer or PhaseTimer()).phase("value"):
+        over = call_overhead_tokens(b.input_ids.device)
+        b.extra["values"] = chunked(b, micro_rows, lambda s: response_values(critic, s), over)  # (B, R)
     kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], rl.kl_estimator) * m  # (B, R)
     rewards, non_score = losses.rlhf_rewards(score, kl, m, beta)  # (B, R), (B,)
     adv, returns = losses.gae(rewards, b.extra["values"], m, rl.gamma, rl.lam)  # (B, R) each
@@ -132,13 +135,16 @@ def run(cfg: Config, out: str | Path) -> dict:
     def step_fn(step: int) -> dict:
         r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank, micro_rows=MB)
         b, m, beta = r.batch, r.batch.response_mask, kl_ctl.value
-        kl, non_score = advantages(trainer, b, r.score, kl_ctl.value, rl, MB, step)
-        n, kl_sum, ns_sum = global_sums(len(b), kl.sum(), non_score.sum())
-        _, var_ret = global_masked_moments(b.extra["returns"], m)
-        _, var_err = global_masked_moments(b.extra["returns"] - b.extra["values"], m)
+        kl, non_score = advantages(trainer, b, r.score, kl_ctl.value, rl, MB, step, r.timer)
+        n, kl_sum, ns_sum, *sums = global_sums(len(b), kl.sum(), non_score.sum(),  # one all-reduce for all
+                                               *masked_moment_sums(b.extra["returns"], m),
+                                               *masked_moment_sums(b.extra["returns"] - b.extra["values"], m))
+        var_ret, var_err = moments(*sums[:3])[1], moments(*sums[3:])[1]
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-        stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
-                              generator=gen, micro_step=micro_step, summarise=summarise)
+        with r.timer.phase("update"):
+            stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
+                                  generator=gen, micro_step=micro_step, summarise=summarise,
+                                  overhead=call_overhead_tokens(info.device))
         kl_ctl.update(kl_sum / n, int(n))
         log_samples(trainer, step, r, rl.sample_every)
         return {"loss": stats["policy_loss"] + rl.vf_coef * stats["value_loss"], **rollout_metrics(r),

@@ -1,0 +1,67 @@
+"""Length-sorted chunks for RL forward passes (chatforge/rl/chunks.py): the plan, and that the passes placed by it
+give the numbers of one unchunked pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatforge.config import ModelConfig
+from chatforge.model.gpt import GPT
+from chatforge.rl.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
+from chatforge.rl import rollout
+from chatforge.rl.rollout import build_batch, chunked, response_logits, response_logprobs
+
+PROMPTS, RESPONSES = [10, 100, 12, 98], [5, 5, 5, 5]  # sorted by length: rows 0 (15), 2 (17), 3 (103), 1 (105)
+
+
+def test_plan_by_hand():
+    # no call overhead: every row alone costs 15 + 17 + 103 + 105 = 240; any pair pads (0 and 2: 2 x 17 = 34 > 32)
+    assert plan_chunks(PROMPTS, RESPONSES, 4, 0.0) == [[0], [2], [3], [1]]
+    # overhead 50: singletons 240 + 200 = 440; {0,2} {3,1}: 34 + 2 x 105 + 100 = 344; all four: 4 x 105 + 50 = 470
+    assert plan_chunks(PROMPTS, RESPONSES, 4, 50.0) == [[0, 2], [3, 1]]
+    assert plan_chunks(PROMPTS, RESPONSES, 4, FEWEST_CHUNKS) == [[0, 2, 3, 1]]  # one call, sorted
+    assert plan_chunks(PROMPTS, RESPONSES, 3, FEWEST_CHUNKS) in ([[0, 2], [3, 1]], [[0], [2, 3, 1]])  # two calls
+    assert plan_chunks(PROMPTS, RESPONSES, 3, FEWEST_CHUNKS) == [[0, 2], [3, 1]]  # the one with less padding
+    assert plan_chunks(PROMPTS, RESPONSES, 1, FEWEST_CHUNKS) == [[0], [2], [3], [1]]
+    # the width of a chunk is its longest prompt + its longest response (left-padded prompts)
+    assert plan_chunks([10, 1], [1, 10], 2, 0.0) == [[1], [0]]  # together: 2 x 20 = 40 > 11 + 11 (ties: shorter prompt first)
+    assert plan_chunks([], [], 4, 0.0) == []
+    with pytest.raises(ValueError, match="2 prompt lengths but 1"):
+        plan_chunks([1, 2], [1], 4, 0.0)
+
+
+def test_call_overhead_tokens():
+    assert call_overhead_tokens("cpu", threads=1) == 48.0 and call_overhead_tokens("cpu", threads=2) == 96.0
+    assert call_overhead_tokens("meta") == FEWEST_CHUNKS  # an accelerator: fewest calls, sorted
+
+
+@pytest.mark.parametrize("overhead", [0.0, 8.0, FEWEST_CHUNKS])
+def test_chunked_passes_equal_one_pass(overhead):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), 50).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 50, (n,), generator=g).tolist() for n in (3, 20, 4, 18, 2)]
+    responses = [torch.randint(5, 50, (n,), generator=g).tolist() for n in (6, 2, 9, 5, 1)]
+    batch = build_batch(prompts, responses, 0, 1)
+    with torch.no_grad():
+        whole, _ = response_logprobs(model, batch, 1.0)  # (B, R): one pass, index order
+        parts = chunked(batch, 3, lambda b: response_logprobs(model, b, 1.0)[0], overhead)
+    torch.testing.assert_close(parts, whole, atol=2e-5, rtol=0)
+    assert (parts[batch.response_mask == 0] == 0).all()
+
+
+def test_response_logits_run_the_head_on_response_positions_only():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), 50).eval()
+    batch = build_batch([[5, 6, 7], [8, 9, 10, 11, 12]], [[13, 14], [15, 16, 17, 18]], 0, 1)  # P 5, R 4
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        fast = response_logits(model, batch)  # (B, R, V)
+        hook.remove()
+        full = model(batch.input_ids, attention_mask=batch.attention_mask)[:, 4:-1]  # the whole forward, sliced
+    assert seen == [(2, 4, 32)]  # the head saw the R = 4 scoring positions, not P + R = 9
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
+    wrapped = torch.nn.Sequential()  # any other module type: its whole forward
+    assert rollout._plain_gpt(wrapped) is None and rollout._plain_gpt(model) is model
