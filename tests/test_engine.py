@@ -6,7 +6,7 @@ from transformers import LlamaForCausalLM
 
 from chatforge.config import ModelConfig
 from chatforge.data.batching import length_groups
-from chatforge.engine import Engine, draw, filter_logits, prefill
+from chatforge.engine import Engine, draw, filter_logits, left_padded, prefill
 from chatforge.model.gpt import GPT
 from chatforge.model.hf import save_model
 
@@ -164,11 +164,8 @@ def test_grouped_prefill_equals_one_padded_prefill():
     torch.manual_seed(1)
     ps = [torch.randint(2, V, (n,)).tolist() for n in (50, 4, 47, 2, 30)]
     assert len(length_groups([len(p) for p in ps])) > 1  # this batch is prefilled in groups
-    P = max(map(len, ps))
-    idx = torch.full((len(ps), P), PAD)
-    mask = torch.zeros((len(ps), P), dtype=torch.long)
-    for i, p in enumerate(ps):
-        idx[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+    idx, mask = left_padded(ps, PAD, "cpu")  # (B, P)
+    P = idx.shape[1]
     with torch.no_grad():
         one = m.make_cache(len(ps), P + 4)
         ref = m(idx, attention_mask=mask, cache=one)[:, -1]  # (B, V) one padded forward
