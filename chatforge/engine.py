@@ -28,7 +28,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from chatforge.data.batching import length_groups
+from chatforge.data.chunks import call_overhead_tokens, length_groups
 
 
 @dataclass
@@ -99,8 +99,8 @@ def prefill(model: nn.Module, cache, idx: torch.Tensor, mask: torch.Tensor, leng
     position's logits (B, V). Where the cache can take rows prefilled apart (``sub``/``insert``, the native
     model's), rows of similar length are prefilled together (:func:`length_groups`) so short prompts do not pay
     for the longest one's padding."""
-    groups = length_groups(lengths) if hasattr(cache, "insert") else [list(range(len(lengths)))]
-    if len(groups) == 1:
+    groups = length_groups(lengths, call_overhead_tokens(idx.device)) if hasattr(cache, "insert") else []
+    if len(groups) <= 1:
         return model(idx, attention_mask=mask, cache=cache, last_only=True)[:, -1, :]
     P, out = idx.shape[1], []
     for rows in groups:

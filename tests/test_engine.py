@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from chatforge.config import ModelConfig
-from chatforge.data.batching import length_groups
+from chatforge.data.chunks import call_overhead_tokens, length_groups
 from chatforge.engine import Engine, draw, filter_logits, left_padded, prefill
 from chatforge.model.gpt import GPT
 from chatforge.model.hf import save_model
@@ -151,19 +151,19 @@ def test_draw_follows_the_distribution_and_never_picks_zero_probability():
 
 
 def test_length_groups_cut_where_padding_costs_more_than_a_forward():
-    # equal lengths: one group; two clusters far apart: two groups, longest first, row indices kept
-    assert length_groups([10, 10, 10]) == [[0, 1, 2]]
-    assert length_groups([60, 5, 58, 3]) == [[0, 2], [1, 3]]
-    # 4 x 60 + 32 = 272 tokens in one pass vs 2 x 60 + 32 + 2 x 5 + 32 = 194 in two; with a large overhead, one
-    assert length_groups([60, 5, 58, 3], overhead=200) == [[0, 2, 1, 3]]
-    assert sorted(i for g in length_groups([7, 90, 40, 41, 3, 88, 12]) for i in g) == list(range(7))
+    # equal lengths: one group; two clusters far apart: two groups, shortest first, row indices kept
+    assert length_groups([10, 10, 10], 32) == [[0, 1, 2]]
+    assert length_groups([60, 5, 58, 3], 32) == [[3, 1], [2, 0]]
+    # 4 x 60 + 32 = 272 tokens in one pass vs 2 x 5 + 32 + 2 x 60 + 32 = 194 in two; with a large overhead, one
+    assert length_groups([60, 5, 58, 3], 200) == [[3, 1, 2, 0]]
+    assert sorted(i for g in length_groups([7, 90, 40, 41, 3, 88, 12], 32) for i in g) == list(range(7))
 
 
 def test_grouped_prefill_equals_one_padded_prefill():
     m = make_gpt()
     torch.manual_seed(1)
     ps = [torch.randint(2, V, (n,)).tolist() for n in (50, 4, 47, 2, 30)]
-    assert len(length_groups([len(p) for p in ps])) > 1  # this batch is prefilled in groups
+    assert len(length_groups([len(p) for p in ps], call_overhead_tokens("cpu"))) > 1  # prefilled in groups
     idx, mask = left_padded(ps, PAD, "cpu")  # (B, P)
     P = idx.shape[1]
     with torch.no_grad():

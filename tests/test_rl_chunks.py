@@ -1,4 +1,4 @@
-"""Length-sorted chunks for RL forward passes (chatforge/rl/chunks.py): the plan, and that the passes placed by it
+"""Length-sorted chunks for RL forward passes (chatforge/data/chunks.py): the plan, and that the passes placed by it
 give the numbers of one unchunked pass."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from chatforge.config import ModelConfig
 from chatforge.model.gpt import GPT
-from chatforge.rl.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
+from chatforge.data.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
 from chatforge.rl import rollout
 from chatforge.rl.rollout import build_batch, chunked, response_logits, response_logprobs
 

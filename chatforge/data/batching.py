@@ -18,25 +18,6 @@ import torch
 POOL = 16  # global batches sorted together by length
 
 
-def length_groups(lengths: Sequence[int], overhead: int = 32) -> list[list[int]]:
-    """Rows grouped for a prefill with little padding: sorted longest first and cut where the tokens computed
-    (each group's rows x its longest prompt) plus ``overhead`` tokens' worth per extra forward pass are fewest
-    (dynamic programming over the sorted lengths). Returns the row indices of each group."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n, L = len(order), [lengths[i] for i in order]
-    best, cut = [0] + [None] * n, [0] * (n + 1)  # best[j]: fewest tokens for the first j sorted rows
-    for j in range(1, n + 1):
-        for i in range(j):  # the last group: sorted rows i..j-1, padded to L[i]
-            cost = best[i] + (j - i) * L[i] + overhead
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
-
-
 def pad(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "right", length: int | None = None) -> torch.Tensor:
     """Stack sequences into a (B, T) long tensor padded on ``side`` with ``pad_value``."""
     T = length or max((len(s) for s in seqs), default=0)

@@ -27,7 +27,7 @@ import torch
 from chatforge.config import ConfigError
 from chatforge.errors import ChatforgeError
 from chatforge.model.heads import score_sequences
-from chatforge.rl.chunks import call_overhead_tokens, plan_chunks
+from chatforge.data.chunks import call_overhead_tokens, plan_chunks
 from chatforge.model.load import load_scalar_model
 from chatforge.rundir import RUN_INFO
 from chatforge.tokenizer import ChatTokenizer, render_prompt, render_response
@@ -101,7 +101,7 @@ class RewardModelScorer:
         """(raw (N,), normalised (N,)) fp32 CPU scores of ``prompt_ids[i] + response_ids[i]``.
 
         Each sequence is right-padded and read at its last real token, in length-sorted batches of at most
-        ``batch_size`` (chatforge/rl/chunks.py). A sequence longer than the RM's context keeps its last
+        ``batch_size`` (chatforge/data/chunks.py). A sequence longer than the RM's context keeps its last
         ``block_size`` tokens (the end, where the reward is read).
         """
         if len(prompt_ids) != len(response_ids):

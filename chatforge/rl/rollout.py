@@ -33,7 +33,7 @@ from chatforge.config import ConfigError
 from chatforge.config import RLConfig
 from chatforge.engine import Engine
 from chatforge.model.gpt import GPT
-from chatforge.rl.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
+from chatforge.data.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
 from chatforge.rl.prompts import PromptLoader, PromptSet
 from chatforge.rl.roles import Roles
 from chatforge.rl.stats import check_finite, final_scores, global_sums
@@ -198,7 +198,7 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 
 def row_chunks(batch: RolloutBatch, rows: Sequence[int], max_rows: int, overhead: float) -> list[torch.Tensor]:
     """``rows`` of ``batch`` grouped for forward passes of at most ``max_rows`` rows: length-sorted chunks that
-    waste little compute on padding (chatforge/rl/chunks.py); each a (b,) long tensor of row indices."""
+    waste little compute on padding (chatforge/data/chunks.py); each a (b,) long tensor of row indices."""
     rows = list(rows)
     plan = plan_chunks([len(batch.prompt_ids[i]) for i in rows], [len(batch.response_ids[i]) for i in rows],
                        max_rows, overhead)

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from chatforge.rl.chunks import FEWEST_CHUNKS
+from chatforge.data.chunks import FEWEST_CHUNKS
 from chatforge.rl.rollout import RolloutBatch, row_chunks
 from chatforge.trainer import Trainer
 
@@ -20,7 +20,7 @@ def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibat
                   overhead: float = FEWEST_CHUNKS) -> dict[str, float]:
     """``epochs`` passes over ``minibatches`` shuffled minibatches of this rank's rollout rows, one optimizer step
     per minibatch, micro-batches of at most ``micro_rows`` rows: length-sorted, cut where padding would cost more
-    than ``overhead`` tokens per extra forward (chatforge/rl/chunks.py).
+    than ``overhead`` tokens per extra forward (chatforge/data/chunks.py).
 
     ``micro_step(rows, epoch)`` returns the micro-batch's ``(loss_sum, count, sums)`` (see Trainer.accumulate),
     so micro-batching and ranks leave each minibatch's gradient unchanged. ``summarise(result)`` turns one

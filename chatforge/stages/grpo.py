@@ -21,7 +21,7 @@ import torch
 
 from chatforge import losses
 from chatforge.config import Config, ConfigError
-from chatforge.rl.chunks import call_overhead_tokens
+from chatforge.data.chunks import call_overhead_tokens
 from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.roles import check_rl_config, load_roles, print_role_memory, reward_module
 from chatforge.rl.rollout import RolloutBatch, collect, log_samples, response_logprobs, rollout_metrics

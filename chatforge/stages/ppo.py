@@ -25,7 +25,7 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.model.load import load_scalar_model, scalar_from_causal
 from chatforge.model.lora import apply_lora
-from chatforge.rl.chunks import call_overhead_tokens
+from chatforge.data.chunks import call_overhead_tokens
 from chatforge.rl.critic import NormalisedCritic, fold_scale
 from chatforge.rl.kl_controller import make_kl_controller
 from chatforge.rl.reward import RewardModelScorer

@@ -25,7 +25,8 @@ import torch
 from chatforge import distributed as D
 from chatforge import losses
 from chatforge.config import Config, ConfigError, ResolvedRun
-from chatforge.data.batching import BucketBatcher, eval_batches, length_groups
+from chatforge.data.batching import BucketBatcher, eval_batches
+from chatforge.data.chunks import call_overhead_tokens, length_groups
 from chatforge.data.pairs import PairData, PairSequences, collate_unique, load_pair_data, pair_lengths
 from chatforge.model.heads import gather_last, score_sequences
 from chatforge.model.load import load_causal_lm, scalar_from_causal
@@ -46,7 +47,7 @@ def pair_rewards(model: torch.nn.Module, batch: PairSequences) -> tuple[torch.Te
     """
     lengths = batch.attention_mask.sum(1).tolist()  # (U,)
     parts, order = [], []
-    for rows in length_groups(lengths):
+    for rows in length_groups(lengths, call_overhead_tokens(batch.ids.device)):
         T = max(lengths[i] for i in rows)
         sel = torch.tensor(rows, device=batch.ids.device)
         values = model(batch.ids[sel, :T])  # (u, T) fp32

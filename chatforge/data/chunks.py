@@ -1,7 +1,9 @@
-"""Which rows share a forward pass: length-sorted chunks that waste little compute on padding.
+"""Which rows share a forward pass: length-sorted chunks that waste little compute on padding (RL's rollout and
+update passes, reward-model scoring and training, the engine's prefill).
 
 A chunk of rows is one forward over ``rows x width`` tokens, ``width`` = its longest prompt + its longest response
-(left-padded prompts, right-padded responses; rollout.RolloutBatch.select trims the rest). Rows in index order put
+(left-padded prompts, right-padded responses; rl.rollout.RolloutBatch.select trims the rest); a plain sequence is
+a prompt with an empty response (:func:`length_groups`). Rows in index order put
 short and long prompts together: on the RL benchmark's prompts (mean 40 tokens, a long tail) a chunk of 8 rows
 computes ~1.6x the real tokens. Sorting by length and cutting where it pays removes most of that.
 
@@ -61,3 +63,9 @@ def plan_chunks(prompt_lens: Sequence[int], response_lens: Sequence[int], max_ro
         chunks.append(order[cut[j]:j])
         j = cut[j]
     return chunks[::-1]
+
+
+def length_groups(lengths: Sequence[int], overhead: float) -> list[list[int]]:
+    """Rows of the given lengths grouped for forward passes with little padding (:func:`plan_chunks` with no
+    response and no row limit): (N,) -> groups covering 0..N-1 once each, shortest rows first."""
+    return plan_chunks(lengths, [0] * len(lengths), max(len(lengths), 1), overhead)
