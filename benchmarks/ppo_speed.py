@@ -1,5 +1,5 @@
-"""PPO-RLHF step time, rollout speed and peak memory: chatforge's ppo stage vs TRL 1.12's PPO trainer,
-plus generation speed: ``transformers`` generate vs chatforge's Engine.
+"""PPO-RLHF step time, rollout speed and peak memory: chatforge's ppo stage vs TRL 1.12's PPO trainer
+(generation alone, ``transformers`` generate vs chatforge's Engine: benchmarks/generate_speed.py).
 
 Same prompts (../shared/data/prompts/oasst_prompt_lottery_en_250_text.jsonl, user messages that fit
 the context), same starting weights: policy and reference = the policy directory, reward model and
@@ -11,12 +11,10 @@ gamma 1 / lambda 0.95, whitened advantages, value coefficient 0.1, one minibatch
 
 * ``chatforge-4ep`` / ``chatforge-1ep``: ``chatforge.stages.ppo.run`` (rollouts through the Engine);
 * ``trl-4ep`` / ``trl-1ep``: ``trl.experimental.ppo.PPOTrainer`` (TRL 1.12; removed in 1.13) with a
-  pre-tokenised, left-padded prompt dataset, ``stop_token="eos"`` mapped to ``<|end|>``;
-* ``hf-generate-b16`` / ``engine-b16`` (and ``-b1``): 16 (1) prompts, 64 new tokens each (no early
-  stop), sampling at temperature 1: ``LlamaForCausalLM.generate`` (KV cache) vs ``Engine.generate``.
+  pre-tokenised, left-padded prompt dataset, ``stop_token="eos"`` mapped to ``<|end|>``.
 
 Prints s/step, rollout tokens/s and peak RSS (each loop in its own process) and the ratios
-(targets: step time <= 0.5x TRL, peak RSS <= TRL, Engine >= 2x generate tokens/s), and where a step's
+(targets: step time <= 0.5x TRL, peak RSS <= TRL), and where a step's
 time goes: chatforge's per-phase seconds from its metrics rows (chatforge/rl/timing.py: gen, logp, ref,
 reward, value, update); TRL's generate time and its no-grad old-logp/ref/value/reward forwards (wrapped
 ``forward``/``generate``, peers/trl_common.py), its update inside the rest.
@@ -36,10 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import trl_common as C  # noqa: E402
 
 PROMPTS, NEW = 8, 32
-GEN_NEW = 64
 BLOCK = 256
-LOOPS = ["trl-4ep", "chatforge-4ep", "trl-1ep", "chatforge-1ep", "hf-generate-b16", "engine-b16",
-         "hf-generate-b1", "engine-b1"]
+LOOPS = ["trl-4ep", "chatforge-4ep", "trl-1ep", "chatforge-1ep"]
 
 
 def chatforge_loop(epochs: int):
@@ -100,54 +96,6 @@ def trl_loop(epochs: int):
     return child
 
 
-def gen_loop(kind: str, batch: int):
-    def child(a) -> dict:
-        import torch
-
-        from chatforge.model.load import load_causal_lm
-        from chatforge.tokenizer import render_prompt
-
-        t0 = time.perf_counter()
-        model, _, ctok = load_causal_lm(a.dirs["policy"], "cpu")
-        prompts = [render_prompt(ctok, m) for m in C.prompt_messages(ctok, BLOCK, GEN_NEW)][:batch]
-        g = torch.Generator().manual_seed(0)
-        if kind == "engine":
-            from chatforge.engine import Engine
-
-            eng = Engine(model.eval())
-
-            def run():
-                eng.generate(prompts, GEN_NEW, temperature=1.0, stop_ids=[], pad_id=ctok.pad_id, generator=g)
-        else:
-            from transformers import AutoModelForCausalLM
-
-            del model
-            hf = AutoModelForCausalLM.from_pretrained(a.dirs["policy"], attn_implementation="sdpa",
-                                                      dtype=torch.float32).eval()
-            P = max(map(len, prompts))
-            x = torch.tensor([[ctok.pad_id] * (P - len(p)) + p for p in prompts])  # (B, P) left-padded
-            m = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])  # (B, P)
-
-            def run():
-                with torch.inference_mode():
-                    hf.generate(input_ids=x, attention_mask=m, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
-                                do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
-                                pad_token_id=ctok.pad_id)
-        setup = time.perf_counter() - t0
-        step_s = []
-        t1 = time.perf_counter()
-        for _ in range(a.warmup):
-            run()
-        warm = time.perf_counter() - t1
-        for _ in range(max(a.steps, 3)):
-            t1 = time.perf_counter()
-            run()
-            step_s.append(time.perf_counter() - t1)
-        return {"step_s": step_s, "warmup_s": warm, "setup_s": setup, "gen_s": sum(step_s),
-                "gen_tokens": len(step_s) * len(prompts) * GEN_NEW}
-    return child
-
-
 def rows(size: str, res: dict, a) -> list[dict]:
     out = []
     for name, r, t in C.finished_loops(res, LOOPS):
@@ -157,7 +105,7 @@ def rows(size: str, res: dict, a) -> list[dict]:
     by = {row["loop"]: row for row in out}
     for row in out:
         name = row["loop"]
-        peer = name.replace("chatforge", "trl").replace("engine", "hf-generate")
+        peer = name.replace("chatforge", "trl")
         p = by.get(peer)
         ok = p is not None and peer != name
         row["time vs peer"] = row["s/step (or /call)"] / p["s/step (or /call)"] if ok else float("nan")
@@ -169,7 +117,5 @@ def rows(size: str, res: dict, a) -> list[dict]:
 
 if __name__ == "__main__":
     C.harness(__doc__, __file__, {"chatforge-4ep": chatforge_loop(4), "chatforge-1ep": chatforge_loop(1),
-                                  "trl-4ep": trl_loop(4), "trl-1ep": trl_loop(1),
-                                  "hf-generate-b16": gen_loop("hf", 16), "engine-b16": gen_loop("engine", 16),
-                                  "hf-generate-b1": gen_loop("hf", 1), "engine-b1": gen_loop("engine", 1)},
+                                  "trl-4ep": trl_loop(4), "trl-1ep": trl_loop(1)},
               LOOPS, rows, {"warmup": 2, "steps": 8}, block_size=BLOCK)
