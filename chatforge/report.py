@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Optional
 
 from chatforge.checkpoint import atomic_write_text
 from chatforge.report_markdown import (acceptance_lines, fmt, recipe_side_by_side, side_by_side, summary_markdown,
@@ -30,24 +31,30 @@ from chatforge.report_run import ReportError, is_demo, recipe_eval, run_kind, st
 __all__ = ["ReportError", "build_recipe_report", "build_report", "summary_markdown", "summary_rows"]
 
 
+def plot_section(root: Path, plots: dict[str, tuple[Callable[[Path, Path], Optional[Path]], str]]) -> list[str]:
+    """Draw each plot into <root>/plots/ and return the card's "## Plots" lines, one captioned image per plot
+    (a plot function that finds nothing to draw returns None and is left out)."""
+    folder = root / "plots"
+    folder.mkdir(exist_ok=True)
+    md = ["## Plots\n"]
+    for name, (draw, caption) in plots.items():
+        path = draw(root, folder)
+        if path is not None:
+            md += [f"### {caption}\n", f"![{name}](plots/{path.name})\n"]
+    return md
+
+
 def build_recipe_report(root: Path, kind: str) -> Path:
     """The card of any recipe but the demo (or of a folder of hand-run stages): no gold judge, no label noise."""
-    plots = root / "plots"
-    plots.mkdir(exist_ok=True)
-    made = {name: fn(root, plots) for name, fn in (("losses", plot_losses), ("rm", plot_rm), ("ppo", plot_ppo),
-                                                    ("eval", plot_recipe_eval))}
+    plots = plot_section(root, {
+        "losses": (plot_losses, "Loss curves of every stage"),
+        "rm": (plot_rm, "Reward model: accuracy during training and on its held-out comparisons, and calibration"),
+        "ppo": (plot_ppo, "PPO: reward-model reward, KL to the SFT policy, response length and entropy"),
+        "eval": (plot_recipe_eval, "Evaluation scores by model (± 2 standard errors)")})
     what = "pipeline run" if kind == "pipeline" else "folder of stage directories"
     md = [f"# chatforge report card: `{root}`\n", f"A {what}: " + ", ".join(f"{s} ({d.name}/)" for s, d in stage_folders(root))
-          + ".\n", "## Summary\n", summary_markdown(root), ""]
+          + ".\n", "## Summary\n", summary_markdown(root), "", *plots]
     ev = recipe_eval(root)
-    captions = {"losses": "Loss curves of every stage",
-                "rm": "Reward model: accuracy during training and on its held-out comparisons, and calibration",
-                "ppo": "PPO: reward-model reward, KL to the SFT policy, response length and entropy",
-                "eval": "Evaluation scores by model (± 2 standard errors)"}
-    md.append("## Plots\n")
-    for name, path in made.items():
-        if path is not None:
-            md += [f"### {captions[name]}\n", f"![{name}](plots/{path.name})\n"]
     if ev.get("models"):
         md += ["## Side by side on the evaluation prompts\n", recipe_side_by_side(ev), ""]
     else:
@@ -65,22 +72,17 @@ def build_report(root: str | Path) -> Path:
     kind = run_kind(root)
     if not is_demo(root):
         return build_recipe_report(root, kind)
-    plots = root / "plots"
-    plots.mkdir(exist_ok=True)
-    made = {name: fn(root, plots) for name, fn in (("losses", plot_losses), ("gold", plot_gold), ("rm", plot_rm),
-                                                    ("ppo", plot_ppo), ("kl", plot_kl_monitor))}
+    plots = plot_section(root, {
+        "losses": (plot_losses, "Loss curves of every stage"),
+        "gold": (plot_gold, "Held-out gold score by stage (± 2 standard errors)"),
+        "rm": (plot_rm, "Reward model: accuracy during training and calibration on held-out gold-labelled pairs"),
+        "ppo": (plot_ppo, "PPO: RM reward, KL to the SFT policy, response length and entropy"),
+        "kl": (plot_kl_monitor, "Over-optimisation monitor: gold score and RM reward against KL along PPO")})
     md = [f"# chatforge report card: `{root}`\n", "## Summary\n", summary_markdown(root), ""]
     acc = acceptance_lines(root)
     if acc:
         md += ["## Held-out results\n", *acc, ""]
-    captions = {"losses": "Loss curves of every stage", "gold": "Held-out gold score by stage (± 2 standard errors)",
-                "rm": "Reward model: accuracy during training and calibration on held-out gold-labelled pairs",
-                "ppo": "PPO: RM reward, KL to the SFT policy, response length and entropy",
-                "kl": "Over-optimisation monitor: gold score and RM reward against KL along PPO"}
-    md.append("## Plots\n")
-    for name, path in made.items():
-        if path is not None:
-            md += [f"### {captions[name]}\n", f"![{name}](plots/{path.name})\n"]
+    md += plots
     ppo = stage_info(root / "ppo")
     comps = {d: stage_info(root / d).get("gold_eval", {}).get("components") for d in ("base", "sft", "ppo", "dpo")}
     comps = {d: c for d, c in comps.items() if c}
