@@ -134,17 +134,17 @@ def start(model: nn.Module, prompts: Sequence[Sequence[int]], max_len: int, pad:
     first: dict[tuple, int] = {}
     src = [first.setdefault(tuple(p), len(first)) for p in prompts]  # (B,) each row's distinct prompt
     dtype = cache_dtype(model, device)
-    cache = model.make_cache(len(first), max_len, device, dtype)
-    if len(first) == len(prompts) or not hasattr(cache, "keep"):
-        cache = model.make_cache(len(prompts), max_len, device, dtype) if len(first) < len(prompts) else cache
-        idx, mask = left_padded(prompts, pad, device)
-        return cache, prefill(model, cache, idx, mask, [len(p) for p in prompts])
-    distinct = [list(p) for p in first]
+    distinct = [list(p) for p in first] if len(first) < len(prompts) else prompts
+    cache = model.make_cache(len(distinct), max_len, device, dtype)
+    if len(distinct) < len(prompts) and not hasattr(cache, "keep"):  # rows cannot be copied: prefill every one
+        distinct, cache = prompts, model.make_cache(len(prompts), max_len, device, dtype)
     idx, mask = left_padded(distinct, pad, device)
     logits = prefill(model, cache, idx, mask, [len(p) for p in distinct])  # (U, V)
-    rows = torch.tensor(src, device=device)  # (B,)
-    cache.keep(rows)  # each distinct prompt's row copied for every row that asked for it
-    return cache, logits.index_select(0, rows)  # (B, V)
+    if len(distinct) < len(prompts):
+        rows = torch.tensor(src, device=device)  # (B,)
+        cache.keep(rows)  # each distinct prompt's row copied for every row that asked for it
+        logits = logits.index_select(0, rows)  # (B, V)
+    return cache, logits
 
 
 def cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
@@ -189,10 +189,14 @@ class Engine:
         rows = torch.arange(B, device=device)  # (n,) the batch row each cache row holds
         for step in range(max_new_tokens):
             # one uniform per batch row and step, whichever rows are left: the draws do not depend on compaction
-            u = uniforms(B, generator, device)[rows] if temperature > 0 else None  # (n, 1)
-            nxt_n, logp_n = sample_next(logits, temperature, top_k, top_p, u=u)  # (n,), (n,)
-            nxt = torch.full((B,), pad, dtype=torch.long, device=device).index_copy_(0, rows, nxt_n)  # (B,)
-            logp = torch.zeros(B, device=device).index_copy_(0, rows, logp_n)  # (B,)
+            whole = len(rows) == B  # no row has left the batch yet
+            u = uniforms(B, generator, device) if temperature > 0 else None  # (B, 1)
+            if u is not None and not whole:
+                u = u[rows]  # (n, 1)
+            nxt, logp = sample_next(logits, temperature, top_k, top_p, u=u)  # (n,), (n,)
+            if not whole:  # (n,) -> (B,): rows that left get pad
+                nxt = torch.full((B,), pad, dtype=torch.long, device=device).index_copy_(0, rows, nxt)
+                logp = torch.zeros(B, device=device).index_copy_(0, rows, logp)
             yield nxt, logp, active.clone()
             active &= ~torch.isin(nxt, stop)
             alive = int(active.sum())
@@ -202,7 +206,11 @@ class Engine:
                 kept = active[rows].nonzero().squeeze(1)  # (alive,) cache rows still generating
                 cache.keep(kept)  # finished rows leave the batch: later steps compute only the others
                 rows = rows[kept]
-            feed = torch.where(active[rows], nxt[rows], pad)  # (n,) stopped rows still in the cache feed pad
+            if len(rows) < B:
+                nxt, still = nxt[rows], active[rows]  # (n,) the rows the cache holds
+            else:
+                still = active
+            feed = torch.where(still, nxt, pad)  # (n,) stopped rows still in the cache feed pad
             logits = model(feed[:, None], cache=cache, last_only=True)[:, -1, :]  # (n, V)
 
     @torch.inference_mode()

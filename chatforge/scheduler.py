@@ -223,7 +223,7 @@ class Scheduler:
             p = list(h.request.prompt)
             idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, P - len(p):] = 1
-        src = model.make_cache(B, P, self.device, self.cache.k.dtype)
+        src = model.make_cache(B, P, self.device, self.cache.k.dtype, fused=self.cache.fused)  # no new weight copy
         lengths = [len(h.request.prompt) for h in hs]
         logits = prefill(model, src, idx.to(self.device), mask.to(self.device), lengths)  # (B, V), in length groups
         rows = self.cache.add_rows(src)

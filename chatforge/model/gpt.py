@@ -397,13 +397,15 @@ class GPT(nn.Module):
         h = self.model(idx, attention_mask, cache)  # (B, T, C)
         return self.lm_head(h[:, -1:] if last_only else h)
 
-    def make_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype = torch.float32) -> KVCache:
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype = torch.float32,
+                   fused: Optional[list[FusedLayer]] = None) -> KVCache:
         """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens, holding the fused projection
-        weights (:func:`fuse_layers`) when no gradient is recorded (generation)."""
+        weights when no gradient is recorded (generation): ``fused`` when given (weights fused earlier and still
+        current, e.g. a server's), else :func:`fuse_layers` of the weights now."""
         cache = KVCache(self.cfg.n_layer, batch_size, kv_heads(self.cfg), max_len,
                         self.cfg.n_embd // self.cfg.n_head, device, dtype)
         if not torch.is_grad_enabled():
-            cache.fused = fuse_layers(self.model)
+            cache.fused = fused if fused is not None else fuse_layers(self.model)
         return cache
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
