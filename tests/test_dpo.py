@@ -149,3 +149,30 @@ def test_ipo_implicit_rewards_are_the_per_token_averages_of_its_loss(micro_base)
     torch.testing.assert_close(rr, beta * avg_r)  # [0.5 * 0.2, 0.5 * 0.2]
     torch.testing.assert_close(rc, torch.tensor([0.05, -0.06]))
     torch.testing.assert_close(l, (avg_c - avg_r - 1 / (2 * beta)) ** 2)
+
+
+def test_response_logps_in_length_groups_equal_one_padded_forward(monkeypatch):
+    """The grouped, head-on-the-span scoring gives the sums and counts of one forward over the whole padded batch
+    (the log-probs of every response token, read from the full logits), and its head sees only response spans."""
+    from chatforge.config import ModelConfig
+    from chatforge.data.pairs import TokenPair, collate_pairs
+    from chatforge.losses import token_logprobs
+    from chatforge.model.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=128), 50).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [TokenPair(ids(p), ids(c), ids(r), "x:1") for p, c, r in [(3, 2, 5), (40, 30, 4), (6, 70, 2), (50, 1, 1)]]
+    batch = collate_pairs(pairs, 0)
+    monkeypatch.setattr(dpo, "call_overhead_tokens", lambda device: 8.0)  # cheap calls: several groups
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    with torch.no_grad():
+        sums, counts = dpo.response_logps(model, batch)
+        hook.remove()
+        lp = token_logprobs(model(batch.ids)[:, :-1], batch.ids[:, 1:])  # (2B, T-1), one padded forward
+    m = batch.response_mask[:, 1:].float()
+    torch.testing.assert_close(sums, (lp * m).sum(1), atol=1e-4, rtol=0)
+    assert counts.tolist() == m.sum(1).tolist() == [2, 30, 70, 1, 5, 4, 2, 1]
+    assert len(seen) > 1 and sum(seen) < batch.ids.shape[1] * len(seen) // 2  # groups, each head on its spans

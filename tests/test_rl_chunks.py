@@ -9,7 +9,7 @@ import torch
 from chatforge.config import ModelConfig
 from chatforge.model.gpt import GPT
 from chatforge.data.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
-from chatforge.rl import rollout
+from chatforge.next_token_logits import plain_gpt
 from chatforge.rl.rollout import build_batch, chunked, response_logits, response_logprobs
 
 PROMPTS, RESPONSES = [10, 100, 12, 98], [5, 5, 5, 5]  # sorted by length: rows 0 (15), 2 (17), 3 (103), 1 (105)
@@ -64,4 +64,4 @@ def test_response_logits_run_the_head_on_response_positions_only():
     assert seen == [(2, 4, 32)]  # the head saw the R = 4 scoring positions, not P + R = 9
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
     wrapped = torch.nn.Sequential()  # any other module type: its whole forward
-    assert rollout._plain_gpt(wrapped) is None and rollout._plain_gpt(model) is model
+    assert plain_gpt(wrapped) is None and plain_gpt(model) is model

@@ -32,7 +32,7 @@ from chatforge import losses
 from chatforge.config import ConfigError
 from chatforge.config import RLConfig
 from chatforge.engine import Engine
-from chatforge.model.gpt import GPT
+from chatforge.next_token_logits import next_token_logits
 from chatforge.data.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
 from chatforge.rl.prompts import PromptLoader, PromptSet
 from chatforge.rl.roles import Roles
@@ -133,26 +133,10 @@ def sample(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_
     return Sampled(res.tokens, res.finished, res.logprobs)
 
 
-def _plain_gpt(model: torch.nn.Module) -> Optional[GPT]:
-    """``model`` itself when it is a native GPT with no wrapper around it (no DDP, compile or FSDP), else None."""
-    if type(model).forward is GPT.forward and not D.is_fsdp(model):
-        return model
-    return None
-
-
 def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """The logits that score each response token: (B, R, V), from one forward over (B, P + R).
-
-    A plain native GPT runs its LM head on the R scoring positions only (its forward is ``lm_head(model(...))``):
-    the prompt positions' logits are never read, and at a 2,048-id vocabulary the head is ~25% of a 1M-parameter
-    model's forward. Wrapped models (DDP, FSDP, compile) and other causal LMs run their whole forward."""
-    P = batch.prompt_len
-    gpt = _plain_gpt(model)
-    if gpt is not None:
-        h = gpt.model(batch.input_ids, batch.attention_mask)  # (B, P + R, C)
-        return gpt.lm_head(h[:, P - 1:-1])  # (B, R, V)
-    logits = model(batch.input_ids, attention_mask=batch.attention_mask)  # (B, P + R, V)
-    return logits[:, P - 1:-1]  # (B, R, V): position P + j - 1 predicts response token j
+    """The logits that score each response token: (B, R, V), from one forward over (B, P + R) (the LM head on the
+    R scoring positions only where it can: :func:`next_token_logits`)."""
+    return next_token_logits(model, batch.input_ids, batch.prompt_len, batch.attention_mask)  # (B, R, V)
 
 
 def response_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float,

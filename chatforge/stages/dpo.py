@@ -30,9 +30,11 @@ from chatforge import distributed as D
 from chatforge import losses
 from chatforge.config import Config, ConfigError, ResolvedRun
 from chatforge.data.batching import BucketBatcher, eval_batches
+from chatforge.data.chunks import call_overhead_tokens, length_groups
 from chatforge.data.pairs import PairBatch, TokenPair, collate_pairs, load_pair_data, pair_lengths
 from chatforge.model.load import load_causal_lm
 from chatforge.model.lora import apply_lora, reference_from
+from chatforge.next_token_logits import next_token_logits
 from chatforge.rl.roles import disable_dropout
 from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
@@ -44,12 +46,27 @@ SUM_KEYS = ("loss", "reward_chosen", "reward_rejected", "correct", "chosen_drift
 def response_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of response-token log-probs (2B,), response token counts (2B,)) in fp32.
 
-    Right padding + causal attention: the fast path without a mask is exact on real tokens.
+    Right padding + causal attention: the fast path without a mask is exact on real tokens. Rows of similar
+    length go through the model together (:func:`length_groups`), each group cut to its longest, and the logits
+    are those of the group's response span only (:func:`next_token_logits`): short pairs do not pay for the
+    longest one's padding, nor the head for the prompts.
     """
-    logits = model(batch.ids)  # (2B, T, V)
-    lp = losses.token_logprobs(logits[:, :-1], batch.ids[:, 1:])  # (2B, T-1): log p(token t+1 | <= t)
-    m = batch.response_mask[:, 1:].float()  # (2B, T-1): targets that are response tokens
-    return (lp * m).sum(1), m.sum(1)
+    lengths = batch.attention_mask.sum(1).tolist()  # (2B,)
+    starts = batch.response_mask.argmax(1).tolist()  # (2B,) each row's first response token
+    dev = batch.ids.device
+    sums, counts, order = [], [], []
+    for rows in length_groups(lengths, call_overhead_tokens(dev)):
+        T, first = max(lengths[i] for i in rows), max(1, min(starts[i] for i in rows))
+        sel = torch.tensor(rows, device=dev)
+        ids = batch.ids[sel, :T]  # (b, T)
+        logits = next_token_logits(model, ids, first)  # (b, T - first, V)
+        lp = losses.token_logprobs(logits, ids[:, first:])  # (b, T - first): log p(token t | < t), t >= first
+        m = batch.response_mask[sel, first:T].float()  # (b, T - first): targets that are response tokens
+        sums.append((lp * m).sum(1))
+        counts.append(m.sum(1))
+        order += rows
+    back = torch.argsort(torch.tensor(order, device=dev))  # (2B,) to batch row order
+    return torch.cat(sums)[back], torch.cat(counts)[back]
 
 
 class RefLogps:
