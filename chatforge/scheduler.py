@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from chatforge.engine import cache_dtype, prefill
 from chatforge.generation_request import Request, RequestEvent, RequestHandle
-from chatforge.model.gpt import GPT, fuse_layers, kv_heads
+from chatforge.model.gpt import GPT, inference_weights, kv_heads
 from chatforge.row_sampling import sample_rows
 from chatforge.slot_cache import SlotCache
 
@@ -84,7 +84,7 @@ class Scheduler:
             cfg = model.cfg
             self.cache = SlotCache(cfg.n_layer, max_batch, kv_heads(cfg), self.cache_len, cfg.n_embd // cfg.n_head,
                                    self.device, cache_dtype(model, self.device))
-            self.cache.fused = fuse_layers(model.model)  # the served weights do not change while it runs
+            self.cache.fused = inference_weights(model)  # the served weights do not change while it runs
         seed = seed if seed is not None else int.from_bytes(os.urandom(7), "little")  # the global RNG untouched
         self._seeds = torch.Generator().manual_seed(seed)  # seeds of requests that bring none
         self._ids = itertools.count()

@@ -30,7 +30,7 @@ class SlotCache:
         self.n = 0
         self.length = 0
         self.padded = True  # rows joined at different lengths: decode steps read the validity mask
-        self.fused = None  # the model's fused projection weights (gpt.fuse_layers), set by the scheduler
+        self.fused = None  # the model's weights arranged for generation (gpt.inference_weights), set by the scheduler
 
     @property
     def valid(self) -> torch.Tensor:

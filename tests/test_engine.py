@@ -183,14 +183,14 @@ def test_grouped_prefill_equals_one_padded_prefill():
 
 
 def test_fused_projection_weights_follow_the_model():
-    from chatforge.model.gpt import fuse_layers
+    from chatforge.model.gpt import inference_weights
 
     m = make_gpt()
     a = m.model.layers[0].self_attn
     assert m.make_cache(1, 8).fused is None  # autograd on: training keeps the modules' own weights
     with torch.no_grad():
         cache = m.make_cache(1, 8)
-    fused = cache.fused[0]
+    fused = cache.fused.layers[0]
     assert torch.equal(fused.qkv, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
     mlp = m.model.layers[0].mlp
     assert torch.equal(fused.gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
@@ -205,7 +205,7 @@ def test_fused_projection_weights_follow_the_model():
         assert toks == naive_greedy(m, p, 5)
     # a projection that is not a plain Linear (e.g. a LoRA wrapper) keeps the modules' path
     a.k_proj = torch.nn.Sequential(a.k_proj)
-    assert fuse_layers(m.model) is None
+    assert inference_weights(m) is None
 
 
 def test_finished_rows_leave_the_batch_without_changing_any_row(monkeypatch):
@@ -261,3 +261,30 @@ def test_a_prompt_given_several_times_is_prefilled_once(monkeypatch):
     for a, b in zip(shared.logprobs, separate.logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     assert len({tuple(t) for t in shared.tokens[:3]}) > 1  # the copies of one prompt sample apart
+
+
+def test_wide_models_generate_on_prepacked_weights_with_the_same_logits():
+    """From n_embd = PACK_MIN_WIDTH a CPU generation runs its products on oneDNN-prepacked weights: the logits of a
+    prefill + decode through them match the modules' forward, greedy equals the naive loop, and training (autograd
+    on), bf16 autocast and narrow models keep plain weights."""
+    from chatforge.model.gpt import PACK_MIN_WIDTH, packs_weights
+
+    m = make_gpt(n_embd=PACK_MIN_WIDTH, n_head=4, n_kv_head=2, std=0.05)
+    if not packs_weights(PACK_MIN_WIDTH, "cpu", torch.float32):
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    ids = torch.tensor([prompts()[2]])  # (1, 12)
+    with torch.no_grad():
+        cache = m.make_cache(1, 16)
+        assert all(w.is_mkldnn for layer in cache.fused.layers for w in layer) and cache.fused.head.is_mkldnn
+        pre = m(ids[:, :-1], cache=cache)  # (1, 11, V)
+        step = m(ids[:, -1:], cache=cache)  # (1, 1, V)
+        full = m(ids)  # the modules' forward, no cache
+    torch.testing.assert_close(torch.cat([pre, step], 1), full, atol=1e-4, rtol=1e-4)
+    res = Engine(m).generate(prompts(), 8, temperature=0.0, pad_id=PAD)
+    for p, toks in zip(prompts(), res.tokens):
+        assert toks == naive_greedy(m, p, 8)
+    assert not packs_weights(PACK_MIN_WIDTH - 1, "cpu", torch.float32)
+    assert not packs_weights(PACK_MIN_WIDTH, "cpu", torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not packs_weights(PACK_MIN_WIDTH, "cpu", torch.float32)
+    assert m.make_cache(1, 8).fused is None  # autograd on

@@ -142,8 +142,8 @@ class KVCache:
         self.max_len = max_len
         self.padded = False
         """True once a padding slot is stored: decode steps then need the validity mask."""
-        self.fused: Optional[list[FusedLayer]] = None
-        """Per layer, the concatenated projection weights (see :func:`fuse_layers`); None = the modules' own."""
+        self.fused: Optional[InferenceWeights] = None
+        """The weights arranged for generation (see :func:`inference_weights`); None = the modules' own."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v (B, Hkv, T, hd) at slots [length, length+T) of ``layer``;
@@ -194,31 +194,73 @@ class KVCache:
 
 
 class FusedLayer(NamedTuple):
-    """One block's projection weights concatenated for inference: one matmul instead of three (two)."""
+    """One block's projection weights for inference: q|k|v and gate|up concatenated (one product instead of three,
+    two), each weight plain or prepacked for oneDNN (:func:`linear` takes either)."""
     qkv: torch.Tensor
     """cat(q_proj, k_proj, v_proj) weights, ((H + 2 Hkv) hd, C)."""
+    o: torch.Tensor
+    """o_proj's weight, (C, H hd)."""
     gate_up: torch.Tensor
     """cat(gate_proj, up_proj) weights, (2 h, C)."""
+    down: torch.Tensor
+    """down_proj's weight, (C, h)."""
 
 
-def fuse_layers(trunk: "Trunk") -> Optional[list[FusedLayer]]:
-    """The trunk's q|k|v and gate|up weights concatenated per layer, or None when a projection is not a plain
-    ``nn.Linear`` holding a plain tensor (LoRA adapters, FSDP-sharded parameters): those keep their modules.
+class InferenceWeights(NamedTuple):
+    """What a KV cache holds for its generation: every block's :class:`FusedLayer` and the LM head's weight."""
+    layers: list[FusedLayer]
+    head: torch.Tensor
+    """lm_head's weight (V, C), plain or prepacked."""
+
+
+PACK_MIN_WIDTH = 256
+"""Model width (n_embd) from which generation on a CPU runs its products on weights prepacked for oneDNN. The
+products of a decode step have few rows; on the 2-core AMD EPYC of benchmarks/RESULTS.md oneDNN's prepacked
+kernels take ~25% less time than the default BLAS (MKL) at n_embd 384 (batch 1 and 16), but its fixed cost per
+call loses at n_embd 128, where the products are tiny."""
+
+
+def packs_weights(width: int, device, dtype: torch.dtype) -> bool:
+    """True where :func:`inference_weights` prepacks: fp32 on a CPU with oneDNN, no autocast, width >= PACK_MIN_WIDTH."""
+    return (torch.device(device).type == "cpu" and dtype == torch.float32 and width >= PACK_MIN_WIDTH
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ w.T for a plain weight (out, in) or one prepacked for oneDNN -> (..., out)."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
+
+
+def inference_weights(model: "GPT") -> Optional[InferenceWeights]:
+    """The model's weights arranged for generation (:class:`InferenceWeights`), or None when a projection is not a
+    plain ``nn.Linear`` holding a plain tensor (LoRA adapters, FSDP-sharded parameters): those keep their modules.
+    Prepacked for oneDNN where :func:`packs_weights` says so.
 
     A copy of the weights as they are now: a KV cache holds it for its lifetime (one generation), during which
     the weights do not change; the next cache copies them again, so training steps, loading and LoRA are seen.
     """
-    out = []
-    for block in trunk.layers:
+    linears = [model.lm_head]
+    for block in model.model.layers:
         a, m = block.self_attn, block.mlp
-        groups = ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj))
-        linears = [lin for g in groups for lin in g]
-        if any(type(lin) is not nn.Linear or lin.bias is not None
-               or type(lin.weight) not in (torch.Tensor, nn.Parameter) for lin in linears):
-            return None
-        with torch.no_grad():
-            out.append(FusedLayer(*(torch.cat([lin.weight for lin in g]) for g in groups)))
-    return out
+        linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+    if any(type(lin) is not nn.Linear or lin.bias is not None
+           or type(lin.weight) not in (torch.Tensor, nn.Parameter) for lin in linears):
+        return None
+    w = model.lm_head.weight
+    pack = packs_weights(model.cfg.n_embd, w.device, w.dtype)
+
+    def arranged(*parts: nn.Linear) -> torch.Tensor:
+        t = torch.cat([p.weight for p in parts]) if len(parts) > 1 else parts[0].weight.detach()
+        return torch.ops.mkldnn._reorder_linear_weight(t, 16) if pack else t  # 16: a decode step's batch
+
+    with torch.no_grad():
+        layers = [FusedLayer(arranged(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj),
+                             arranged(b.self_attn.o_proj), arranged(b.mlp.gate_proj, b.mlp.up_proj),
+                             arranged(b.mlp.down_proj)) for b in model.model.layers]
+        return InferenceWeights(layers, arranged(model.lm_head))
 
 
 class Attention(nn.Module):
@@ -246,7 +288,7 @@ class Attention(nn.Module):
         if fused is None:
             q, k = self.q_proj(x).view(B, T, H, hd), self.k_proj(x).view(B, T, Hkv, hd)
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.v_proj(x).view(B, T, Hkv, hd)
-        qkv = F.linear(x, fused[self.layer_idx].qkv).view(B, T, H + 2 * Hkv, hd)  # one matmul for the three
+        qkv = linear(x, fused.layers[self.layer_idx].qkv).view(B, T, H + 2 * Hkv, hd)  # one product for the three
         q, k = apply_rope(qkv[:, :, :H + Hkv], cos, sin).split((H, Hkv), dim=2)  # one rotation for q and k
         return q, k, qkv[:, :, H + Hkv:]
 
@@ -266,7 +308,8 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_head != self.n_head,  # each group of H/Hkv query heads shares a k/v head
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
-        return self.o_proj(y)
+        fused = cache.fused if cache is not None else None
+        return self.o_proj(y) if fused is None else linear(y, fused.layers[self.layer_idx].o)
 
 
 class MLP(nn.Module):
@@ -284,8 +327,9 @@ class MLP(nn.Module):
         fused = cache.fused if cache is not None else None
         if fused is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, fused[self.layer_idx].gate_up).chunk(2, dim=-1)  # one matmul for the two
-        return self.down_proj(F.silu(gate) * up)
+        layer = fused.layers[self.layer_idx]
+        gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)  # one product for the two
+        return linear(F.silu(gate) * up, layer.down)
 
 
 class Block(nn.Module):
@@ -395,17 +439,19 @@ class GPT(nn.Module):
         """idx (B, T) token ids; attention_mask (B, T) 1 = real, 0 = pad -> logits (B, T, V)
         (``last_only``: (B, 1, V), the last position's only, as generation needs)."""
         h = self.model(idx, attention_mask, cache)  # (B, T, C)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        h = h[:, -1:] if last_only else h
+        fused = cache.fused if cache is not None else None
+        return self.lm_head(h) if fused is None else linear(h, fused.head)
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype = torch.float32,
-                   fused: Optional[list[FusedLayer]] = None) -> KVCache:
+                   fused: Optional[InferenceWeights] = None) -> KVCache:
         """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens, holding the fused projection
         weights when no gradient is recorded (generation): ``fused`` when given (weights fused earlier and still
-        current, e.g. a server's), else :func:`fuse_layers` of the weights now."""
+        current, e.g. a server's), else :func:`inference_weights` of the weights now."""
         cache = KVCache(self.cfg.n_layer, batch_size, kv_heads(self.cfg), max_len,
                         self.cfg.n_embd // self.cfg.n_head, device, dtype)
         if not torch.is_grad_enabled():
-            cache.fused = fused if fused is not None else fuse_layers(self.model)
+            cache.fused = fused if fused is not None else inference_weights(self)
         return cache
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
