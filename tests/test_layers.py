@@ -8,8 +8,8 @@ and any layer below it):
     1  files, checkpoint, distributed, metrics, optim, rundir, tracking files, processes, records, the optimizer
     2  tokenizer
     3  data.*, demo.*, model.*                                   text, the demo world, the networks
-    4  engine, scheduler, slot_cache, row_sampling,              generation on ids, pure loss functions
-       generation_request, losses
+    4  engine, scheduler, slot_cache, row_sampling,              generation on ids, pure loss functions,
+       generation_request, losses, next_token_logits             the logits that score tokens
     5  trainer, evaluate                                         the one loop; evaluation
     6  rl.*                                                      rollouts, roles, the update loop
     7  stages.*                                                  each stage's algorithm
@@ -35,7 +35,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (2, ("chatforge.tokenizer",)),
     (3, ("chatforge.data", "chatforge.demo", "chatforge.model")),
     (4, ("chatforge.engine", "chatforge.scheduler", "chatforge.slot_cache", "chatforge.row_sampling",
-         "chatforge.generation_request", "chatforge.losses")),
+         "chatforge.generation_request", "chatforge.losses", "chatforge.next_token_logits")),
     (5, ("chatforge.trainer", "chatforge.evaluate")),
     (6, ("chatforge.rl",)),
     (7, ("chatforge.stages",)),
