@@ -137,13 +137,13 @@ def test_ipo_implicit_rewards_are_the_per_token_averages_of_its_loss(micro_base)
     model.eval()
     pairs = [TokenPair([5, 6, 7], [8, 9, tok.end_id], [10, 11, 12, 13, 14, tok.end_id], "t:1"),
              TokenPair([5, 9], [20, 21, 22, 23, tok.end_id], [24, tok.end_id], "t:2")]
-    batch = collate_pairs(pairs, tok.pad_id)
     with torch.no_grad():
-        pi, n = dpo.response_logps(model, batch)  # (4,), (4,)
+        pi, n = dpo.pair_logps(model, pairs, tok.pad_id, "cpu")  # (4,), (4,)
         assert n.tolist() == [3.0, 5.0, 6.0, 2.0]
+        torch.testing.assert_close(pi, dpo.response_logps(model, collate_pairs(pairs, tok.pad_id))[0])
         rf = pi - torch.tensor([0.3, -0.6, 1.2, 0.4])  # a reference that differs per response
         beta = 0.5
-        l, rc, rr, *_ = dpo.pair_terms(model, batch, rf, beta, "ipo")
+        l, rc, rr, *_ = dpo.pair_terms(model, pairs, tok.pad_id, "cpu", rf, beta, "ipo")
     avg_c, avg_r = (pi[:2] - rf[:2]) / n[:2], (pi[2:] - rf[2:]) / n[2:]
     torch.testing.assert_close(rc, beta * avg_c)  # [0.5 * 0.1, 0.5 * -0.12]
     torch.testing.assert_close(rr, beta * avg_r)  # [0.5 * 0.2, 0.5 * 0.2]
@@ -176,3 +176,47 @@ def test_response_logps_in_length_groups_equal_one_padded_forward(monkeypatch):
     torch.testing.assert_close(sums, (lp * m).sum(1), atol=1e-4, rtol=0)
     assert counts.tolist() == m.sum(1).tolist() == [2, 30, 70, 1, 5, 4, 2, 1]
     assert len(seen) > 1 and sum(seen) < batch.ids.shape[1] * len(seen) // 2  # groups, each head on its spans
+
+
+def test_packed_pairs_give_the_log_probs_and_gradients_of_separate_sequences(monkeypatch):
+    """One row per pair (the prompt once, both answers branching from it) gives each answer the log-probs of its own
+    sequence prompt + answer, and the same gradient, in several length groups; a row that would reach past the
+    context raises."""
+    from chatforge.config import ModelConfig
+    from chatforge.data.pairs import TokenPair, collate_packed
+    from chatforge.losses import token_logprobs
+    from chatforge.model.gpt import GPT, branch_layout
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64), 50)
+    g = torch.Generator().manual_seed(2)
+    ids = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [TokenPair(ids(p), ids(c), ids(r), "x:1") for p, c, r in [(3, 2, 5), (20, 30, 4), (6, 50, 2), (1, 1, 1)]]
+    packed = collate_packed(pairs, 0)
+    pos, _ = branch_layout(packed.branches)
+    assert pos[1, :54].tolist() == list(range(50)) + list(range(20, 24))  # rejected restarts after the prompt
+    monkeypatch.setattr(dpo, "call_overhead_tokens", lambda device: 8.0)  # several groups
+
+    def separate():  # each answer as its own sequence, one forward each
+        out = []
+        for side in ("chosen", "rejected"):
+            for p in pairs:
+                seq = torch.tensor([p.prompt + getattr(p, side)])
+                lp = token_logprobs(model(seq)[:, :-1], seq[:, 1:])[0, len(p.prompt) - 1:]
+                out.append(lp.sum())
+        return torch.stack(out)  # (2B,)
+
+    sums, counts = dpo.packed_logps(model, packed)
+    ref = separate()
+    torch.testing.assert_close(sums, ref, atol=1e-4, rtol=1e-5)
+    assert counts.tolist() == [2, 30, 50, 1, 5, 4, 2, 1]
+    w = torch.randn(8, generator=g)
+    (sums * w).sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (ref * w).sum().backward()
+    for a, b in zip(got, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    long = [TokenPair(ids(40), ids(30), ids(30), "x:2")]  # positions reach 69 >= block_size 64
+    with pytest.raises(ValueError, match="beyond the context length"):
+        dpo.packed_logps(model, collate_packed(long, 0))

@@ -155,6 +155,33 @@ def collate_pairs(pairs: Sequence[TokenPair], pad_id: int, length: Optional[int]
 
 
 @dataclass
+class PackedPairs:
+    """B pairs, one row each: prompt, chosen, rejected (the prompt once; a model reads the row with
+    ``branches``, see model.gpt.branch_layout). ids (B, T) right-padded with pad_id; branches (B, T): 0 prompt,
+    1 chosen, 2 rejected, -1 padding; prev (B, T): the slot whose output predicts each token (the slot before it,
+    or the prompt's last for a branch's first token)."""
+
+    ids: torch.Tensor
+    branches: torch.Tensor
+    prev: torch.Tensor
+
+    def to(self, device) -> "PackedPairs":
+        return PackedPairs(*(t.to(device, non_blocking=True) for t in (self.ids, self.branches, self.prev)))
+
+
+def collate_packed(pairs: Sequence[TokenPair], pad_id: int) -> PackedPairs:
+    """Pairs -> :class:`PackedPairs`, rows right-padded to the longest prompt + chosen + rejected."""
+    rows, branch, prev = [], [], []
+    for p in pairs:
+        P, C, R = len(p.prompt), len(p.chosen), len(p.rejected)
+        rows.append(p.prompt + p.chosen + p.rejected)
+        branch.append([0] * P + [1] * C + [2] * R)
+        prev.append([max(j - 1, 0) for j in range(P + C)] + [P - 1] + [P + C + j - 1 for j in range(1, R)])
+    T = max(len(r) for r in rows)
+    return PackedPairs(pad(rows, pad_id, "right", T), pad(branch, -1, "right", T), pad(prev, 0, "right", T))
+
+
+@dataclass
 class PairSequences:
     """The distinct sequences of B pairs, each once (pairs of one prompt share answers: six answers make
     fifteen pairs). ids (U, T) right-padded with pad_id; attention_mask (U, T) 1 = real token;

@@ -121,6 +121,25 @@ def layer_views(x: torch.Tensor) -> list[torch.Tensor]:
     return [x[i] for i in range(x.shape[0])]
 
 
+def branch_layout(branches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask of rows that hold a shared prefix followed by continuations of it.
+
+    branches (B, T) long: 0 = the prefix (first in the row), k >= 1 = the k-th continuation (each contiguous,
+    after the prefix), -1 = padding. A token attends to the prefix and to the earlier tokens of its own branch, and
+    its position is the number of those before it, so every branch sees exactly what it would see as its own
+    sequence (prefix + branch) while the prefix is computed once. -> positions (B, T) long, mask (B, 1, T, T) bool
+    (True = may attend; a padding query attends to itself only, so no row is empty).
+    """
+    T = branches.shape[1]
+    q, k = branches[:, :, None], branches[:, None, :]  # (B, T, 1), (B, 1, T)
+    slots = torch.arange(T, device=branches.device)
+    past = slots[None, :] <= slots[:, None]  # (T, T) key slot <= query slot
+    seen = past[None] & (k >= 0) & ((k == 0) | (k == q)) & (q >= 0)  # (B, T, T)
+    pos = (seen.sum(-1) - 1).clamp(min=0)  # (B, T)
+    mask = seen | torch.eye(T, dtype=torch.bool, device=branches.device)[None]  # padding queries see themselves
+    return pos, mask[:, None]
+
+
 class KVCache:
     """Preallocated keys/values of every layer for incremental decoding.
 
@@ -368,8 +387,24 @@ class Trunk(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, branches: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``branches`` (B, T) instead of a mask: several continuations of one prefix in a row (see
+        :func:`branch_layout`), e.g. a prompt and both answers of a preference pair, the prompt computed once."""
         B, T = idx.shape
+        if branches is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("branches replace attention_mask and cannot be used with a KV cache")
+            pos, attn_mask = branch_layout(branches)  # (B, T), (B, 1, T, T)
+            if int(pos.max()) >= self.cfg.block_size:
+                raise ValueError(f"a branch reaches position {int(pos.max())}, beyond the context length "
+                                 f"model.block_size={self.cfg.block_size}")
+            x = self.embed_tokens(idx)  # (B, T, C)
+            if self.training and self.drop.p > 0:
+                x = self.drop(x)
+            cos, sin = rope_cos_sin(pos, self.head_dim, self.cfg.rope_theta, x.dtype)  # (B, T, 1, hd)
+            for block in self.layers:
+                x = block(x, cos, sin, attn_mask)
+            return self.norm(x)  # (B, T, C)
         if cache is None and T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds the context length model.block_size={self.cfg.block_size}")
         if cache is not None and cache.length + T > cache.max_len:
