@@ -167,6 +167,14 @@ def wrap(model: nn.Module, info: DistInfo, strategy: str, mixed_bf16: bool = Fal
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
+def bare(model: nn.Module, cls: type) -> Optional[nn.Module]:
+    """``model`` itself when it runs ``cls``'s own forward, wrapped by nothing (no DDP, compile or FSDP), else None:
+    code that calls a native model's parts directly (its trunk, its head) asks this first."""
+    if type(model).forward is cls.forward and not is_fsdp(model):
+        return model
+    return None
+
+
 def is_fsdp(model: nn.Module) -> bool:
     """True for a module sharded by FSDP2 ``fully_shard``."""
     try:

@@ -21,9 +21,7 @@ from chatforge.model.gpt import GPT
 
 def plain_gpt(model: nn.Module) -> Optional[GPT]:
     """``model`` itself when it is a native GPT with no wrapper around it (no DDP, compile or FSDP), else None."""
-    if type(model).forward is GPT.forward and not D.is_fsdp(model):
-        return model
-    return None
+    return D.bare(model, GPT)
 
 
 def next_token_logits(model: nn.Module, ids: torch.Tensor, first: int,

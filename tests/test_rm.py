@@ -407,3 +407,43 @@ def test_reward_model_has_no_dropout(micro_base, tmp_path):
     rm.run(rm_cfg(base, path, "train.max_steps=1", "train.eval_every=0", "train.ckpt_every=0", "rm.norm_samples=8"),
            tmp_path / "rm")
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["attention_dropout"] == 0.0
+
+
+def test_prompt_rows_score_each_answer_as_its_own_sequence(monkeypatch):
+    """A native reward model reads a row per prompt, its distinct answers branching from it: every pair's rewards
+    and the gradient equal those of the distinct sequences read one by one, in several length groups; an answer
+    shared by pairs is one branch."""
+    from chatforge.config import ModelConfig
+    from chatforge.data.pairs import TokenPair, collate_prompt_rows
+    from chatforge.model.heads import ScalarModel
+
+    torch.manual_seed(0)
+    model = ScalarModel(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64), 50)
+    g = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
+    p1, p2 = ids(9), ids(2)
+    a, b, c, d, e = ids(4), ids(7), ids(1), ids(30), ids(3)
+    pairs = [TokenPair(p1, a, b, "x:1"), TokenPair(p1, a, c, "x:2"), TokenPair(p1, c, b, "x:3"),
+             TokenPair(p2, d, e, "x:4")]
+    batch = collate_prompt_rows(pairs, 0)
+    assert batch.ids.shape == (2, 2 + 30 + 3) and batch.branches[0].tolist() == [0] * 9 + [1] * 4 + [2] + [3] * 7 + [-1] * 14
+    assert batch.chosen.tolist() == [0, 0, 1, 2] and batch.rejected.tolist() == [3, 1, 3, 4]  # a, c, d; b, c, b, e
+    assert int(batch.tokens) == sum(len(s) for s in (p1 + a, p1 + b, p1 + c, p2 + d, p2 + e))
+    monkeypatch.setattr(rm, "call_overhead_tokens", lambda device: 4.0)  # each row its own group
+    r_c, r_r = rm.pair_rewards(model, batch)
+
+    def alone(p, ans):  # the sequence prompt + answer by itself, read at its last token
+        return model(torch.tensor([p + ans]))[0, -1]
+
+    want_c = torch.stack([alone(p.prompt, p.chosen) for p in pairs])
+    want_r = torch.stack([alone(p.prompt, p.rejected) for p in pairs])
+    torch.testing.assert_close(r_c, want_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r_r, want_r, atol=1e-5, rtol=1e-5)
+    (r_c - 2 * r_r).sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (want_c - 2 * want_r).sum().backward()
+    for x, y in zip(got, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    assert isinstance(rm.collate_for(model, pairs, 0, "cpu"), type(batch))
+    assert not isinstance(rm.collate_for(torch.nn.Sequential(), pairs, 0, "cpu"), type(batch))  # any other model

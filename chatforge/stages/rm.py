@@ -27,8 +27,9 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError, ResolvedRun
 from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.chunks import call_overhead_tokens, length_groups
-from chatforge.data.pairs import PairData, PairSequences, collate_unique, load_pair_data, pair_lengths
-from chatforge.model.heads import gather_last, score_sequences
+from chatforge.data.pairs import (PairData, PairSequences, PromptRows, collate_prompt_rows, collate_unique,
+                                  load_pair_data, pair_lengths)
+from chatforge.model.heads import ScalarModel, gather_last, score_sequences
 from chatforge.model.load import load_causal_lm, scalar_from_causal
 from chatforge.model.lora import apply_lora
 from chatforge.rl.roles import disable_dropout
@@ -36,25 +37,46 @@ from chatforge.stages.common import finish, stage_entry, start
 from chatforge.trainer import Trainer
 
 
-def pair_rewards(model: torch.nn.Module, batch: PairSequences) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen (B,), r_rejected (B,)) of B pairs whose U distinct sequences are ``batch.ids``, each read at
-    its last real token (a sequence shared by several pairs is computed once).
+def pair_rewards(model: torch.nn.Module, batch: PairSequences | PromptRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen (B,), r_rejected (B,)) of B pairs, each sequence read at its last real token and computed once
+    (pairs of one prompt share answers), from the batch :func:`collate_for` made.
 
-    Right padding and causal attention: padding sits after every real token, so it cannot change
-    them and the fast causal path (no mask) is exact; gather_last picks the <|end|> position. Sequences of
-    similar length go through the model together (:func:`length_groups`), each group cut to its longest, so
-    short answers do not pay for the longest one's padding.
+    :class:`PromptRows` (a native model): a row per prompt, its answers branching from it, the prompt computed
+    once. :class:`PairSequences`: the U distinct sequences, right-padded: padding sits after every real token, so
+    it cannot change them and the fast causal path (no mask) is exact; gather_last picks the <|end|> position.
+    Either way rows of similar length go through the model together (:func:`length_groups`), each group cut to
+    its longest, so short ones do not pay for the longest one's padding.
     """
-    lengths = batch.attention_mask.sum(1).tolist()  # (U,)
+    dev = batch.ids.device
+    if isinstance(batch, PromptRows):
+        lengths = (batch.branches >= 0).sum(1).tolist()  # (G,)
+        row, last = batch.row.tolist(), batch.last.tolist()  # (U,)
+    else:
+        lengths = batch.attention_mask.sum(1).tolist()  # (U,)
     parts, order = [], []
-    for rows in length_groups(lengths, call_overhead_tokens(batch.ids.device)):
+    for rows in length_groups(lengths, call_overhead_tokens(dev)):
         T = max(lengths[i] for i in rows)
-        sel = torch.tensor(rows, device=batch.ids.device)
-        values = model(batch.ids[sel, :T])  # (u, T) fp32
-        parts.append(gather_last(values, batch.attention_mask[sel, :T]))  # (u,)
-        order += rows
-    r = torch.cat(parts)[torch.argsort(torch.tensor(order, device=batch.ids.device))]  # (U,) in batch order
+        sel = torch.tensor(rows, device=dev)
+        if isinstance(batch, PromptRows):
+            h = model.model(batch.ids[sel, :T], branches=batch.branches[sel, :T])  # (g, T, C)
+            local = {g: j for j, g in enumerate(rows)}
+            seqs = [u for u in range(len(row)) if row[u] in local]  # the sequences these rows hold
+            at = torch.tensor([[local[row[u]], last[u]] for u in seqs], device=dev)  # (u, 2) row, slot
+            parts.append(model.score(h[at[:, 0], at[:, 1]]).squeeze(-1).float())  # (u,)
+            order += seqs
+        else:
+            values = model(batch.ids[sel, :T])  # (u, T) fp32
+            parts.append(gather_last(values, batch.attention_mask[sel, :T]))  # (u,)
+            order += rows
+    r = torch.cat(parts)[torch.argsort(torch.tensor(order, device=dev))]  # (U,) in batch order
     return r[batch.chosen], r[batch.rejected]
+
+
+def collate_for(model: torch.nn.Module, pairs: list, pad_id: int, device) -> PairSequences | PromptRows:
+    """The batch :func:`pair_rewards` reads: a row per prompt for a native scalar model (no DDP, compile or FSDP
+    wrapper), the distinct sequences for any other."""
+    native = D.bare(model, ScalarModel) is not None
+    return (collate_prompt_rows if native else collate_unique)(pairs, pad_id).to(device)
 
 
 def prompt_pair_weights(pairs: list) -> list[float]:
@@ -120,7 +142,7 @@ def held_out_rewards(trainer: Trainer, net: torch.nn.Module, data: PairData, pad
     info, rc, rr = trainer.info, [], []
     for idx in eval_batches(pair_lengths(data.val), trainer.cfg.train.batch_size, info.rank, info.world_size,
                             max_batches):
-        batch = collate_unique([data.val[j] for j in idx], pad_id).to(info.device)
+        batch = collate_for(net, [data.val[j] for j in idx], pad_id, info.device)
         with trainer.autocast():
             c, r = pair_rewards(net, batch)
         rc += c.float().cpu().tolist()
@@ -170,12 +192,12 @@ def run(cfg: Config, out: str | Path) -> dict:
         weights = (w * len(w) / w.sum()).to(info.device)
 
     def micro_step(idx: list[int]) -> tuple[torch.Tensor, int, dict]:
-        batch = collate_unique([data.train[j] for j in idx], tok.pad_id).to(info.device)
+        batch = collate_for(net, [data.train[j] for j in idx], tok.pad_id, info.device)
         r_c, r_r = pair_rewards(net, batch)  # (B,), (B,)
         r = torch.cat([r_c, r_r]).detach().double()  # (2B,)
         bt = losses.bradley_terry(r_c, r_r, margin)  # (B,)
         stats = {"correct": (r_c > r_r).sum(), "margin": (r_c - r_r).sum(), "reward": r.sum(),
-                 "reward2": (r * r).sum(), "tokens": batch.attention_mask.sum()}
+                 "reward2": (r * r).sum(), "tokens": batch.tokens}
         if weights is None:
             return bt.sum(), len(idx), stats
         w = weights[idx]  # (B,) the pairs' weights: a weighted mean over the step's pairs
