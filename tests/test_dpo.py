@@ -48,6 +48,12 @@ def test_loss_is_log2_at_the_start_and_precompute_matches(micro_base, pairs_file
     assert live["eval_val_loss"] == pytest.approx(pre["eval_val_loss"], abs=1e-5)
     cfg = json.loads((tmp_path / "pre" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
+    # LoRA: the reference is the policy with its adapters off, read through the same one-row-per-pair path
+    dpo.run(dpo_cfg(micro_base, pairs_file, "train.max_steps=1", "train.eval_every=0", "data.max_examples=48",
+                    "lora.r=4"), tmp_path / "lora")
+    first = rows(tmp_path / "lora", "train")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7) and first["accuracy"] == 0.0
+    assert first["reward_chosen"] == 0.0 and first["chosen_drift"] == 0.0  # exact ties
 
 
 def test_ipo_starts_at_its_known_value(micro_base, pairs_file, tmp_path):
@@ -138,12 +144,12 @@ def test_ipo_implicit_rewards_are_the_per_token_averages_of_its_loss(micro_base)
     pairs = [TokenPair([5, 6, 7], [8, 9, tok.end_id], [10, 11, 12, 13, 14, tok.end_id], "t:1"),
              TokenPair([5, 9], [20, 21, 22, 23, tok.end_id], [24, tok.end_id], "t:2")]
     with torch.no_grad():
-        pi, n = dpo.pair_logps(model, pairs, tok.pad_id, "cpu")  # (4,), (4,)
+        pi, n = dpo.pair_logps(model, pairs, tok.pad_id, "cpu", packed=True)  # (4,), (4,)
         assert n.tolist() == [3.0, 5.0, 6.0, 2.0]
         torch.testing.assert_close(pi, dpo.response_logps(model, collate_pairs(pairs, tok.pad_id))[0])
         rf = pi - torch.tensor([0.3, -0.6, 1.2, 0.4])  # a reference that differs per response
         beta = 0.5
-        l, rc, rr, *_ = dpo.pair_terms(model, pairs, tok.pad_id, "cpu", rf, beta, "ipo")
+        l, rc, rr, *_ = dpo.pair_terms(model, pairs, tok.pad_id, "cpu", True, rf, beta, "ipo")
     avg_c, avg_r = (pi[:2] - rf[:2]) / n[:2], (pi[2:] - rf[2:]) / n[2:]
     torch.testing.assert_close(rc, beta * avg_c)  # [0.5 * 0.1, 0.5 * -0.12]
     torch.testing.assert_close(rr, beta * avg_r)  # [0.5 * 0.2, 0.5 * 0.2]

@@ -36,7 +36,7 @@ from chatforge.data.chunks import call_overhead_tokens, length_groups
 from chatforge.data.pairs import (PackedPairs, PairBatch, TokenPair, collate_packed, collate_pairs, load_pair_data,
                                   pair_lengths)
 from chatforge.model.load import load_causal_lm
-from chatforge.model.lora import apply_lora, reference_from
+from chatforge.model.lora import LoraReference, adapters_disabled, apply_lora, reference_from
 from chatforge.model.gpt import GPT
 from chatforge.next_token_logits import next_token_logits, plain_gpt
 from chatforge.rl.roles import disable_dropout
@@ -99,15 +99,20 @@ def packed_logps(gpt: GPT, packed: PackedPairs) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(sums, 1)[:, back].reshape(-1), torch.cat(counts, 1)[:, back].reshape(-1)
 
 
-def pair_logps(model: torch.nn.Module, pairs: list[TokenPair], pad_id: int, device
+def pair_logps(model: torch.nn.Module, pairs: list[TokenPair], pad_id: int, device, packed: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of response-token log-probs (2B,), response token counts (2B,)) in fp32 of B pairs, chosen rows then
-    rejected rows: a native GPT reads each pair as one row with the prompt once (:func:`packed_logps`), any other
-    model (transformers, DDP-wrapped) the two sequences (:func:`response_logps`)."""
-    gpt = plain_gpt(model)
-    if gpt is not None:
-        return packed_logps(gpt, collate_packed(pairs, pad_id).to(device))
-    return response_logps(model, collate_pairs(pairs, pad_id).to(device))
+    rejected rows. ``packed`` (the policy is a native GPT, :func:`plain_gpt`): each pair as one row with the prompt
+    once (:func:`packed_logps`), for the reference too (a frozen copy, or the policy with its LoRA adapters off),
+    so that policy and reference compute alike and tie exactly at step 0; else (transformers, DDP- or
+    FSDP-wrapped) the two sequences (:func:`response_logps`)."""
+    if not packed:
+        return response_logps(model, collate_pairs(pairs, pad_id).to(device))
+    batch = collate_packed(pairs, pad_id).to(device)
+    if isinstance(model, LoraReference):
+        with torch.no_grad(), adapters_disabled(model.policy):
+            return packed_logps(model.policy, batch)
+    return packed_logps(model, batch)
 
 
 class RefLogps:
@@ -119,11 +124,11 @@ class RefLogps:
     @classmethod
     @torch.inference_mode()
     def compute(cls, ref: torch.nn.Module, pairs: list[TokenPair], pad_id: int, batch_size: int,
-                rank: int, world: int, device) -> "RefLogps":
+                rank: int, world: int, device, packed: bool) -> "RefLogps":
         """Each rank scores its share of ``pairs``; the results are gathered on every rank."""
         mine: dict[int, tuple[float, float]] = {}
         for idx in eval_batches(pair_lengths(pairs), batch_size, rank, world):
-            s, _ = pair_logps(ref, [pairs[j] for j in idx], pad_id, device)  # (2b,)
+            s, _ = pair_logps(ref, [pairs[j] for j in idx], pad_id, device, packed)  # (2b,)
             b = len(idx)
             for k, j in enumerate(idx):
                 mine[j] = (s[k].item(), s[b + k].item())
@@ -139,14 +144,14 @@ class RefLogps:
         return torch.cat([self.chosen[idx], self.rejected[idx]]).to(device)
 
 
-def precompute_reference(ref: torch.nn.Module, data, pad_id: int, batch_size: int, info,
+def precompute_reference(ref: torch.nn.Module, data, pad_id: int, batch_size: int, info, packed: bool,
                          autocast=contextlib.nullcontext) -> dict[str, RefLogps]:
     """The reference log-probs of every train and held-out pair, computed once (``dpo.precompute_ref``), under
     ``autocast()``: the policy's own precision (Trainer.autocast), so that at step 0 pi == ref exactly (a bf16
     policy against an fp32 reference would start away from log 2)."""
     t0 = time.time()
     with autocast():
-        pre = {name: RefLogps.compute(ref, pairs, pad_id, batch_size, info.rank, info.world_size, info.device)
+        pre = {name: RefLogps.compute(ref, pairs, pad_id, batch_size, info.rank, info.world_size, info.device, packed)
                for name, pairs in (("train", data.train), ("val", data.val)) if pairs}
     if info.is_main:
         print(f"dpo: reference log-probs of {len(data.train) + len(data.val):,} pairs precomputed in "
@@ -154,11 +159,11 @@ def precompute_reference(ref: torch.nn.Module, data, pad_id: int, batch_size: in
     return pre
 
 
-def pair_terms(model: torch.nn.Module, pairs: list[TokenPair], pad_id: int, device, rf: torch.Tensor, beta: float,
-               loss_type: str):
+def pair_terms(model: torch.nn.Module, pairs: list[TokenPair], pad_id: int, device, packed: bool, rf: torch.Tensor,
+               beta: float, loss_type: str):
     """(per-pair losses (B,), chosen rewards (B,), rejected rewards (B,), policy sums (2B,), ref sums (2B,),
     response token counts (2B,)) of B pairs, given their reference sums ``rf`` (2B,)."""
-    pi, n = pair_logps(model, pairs, pad_id, device)  # (2B,), (2B,)
+    pi, n = pair_logps(model, pairs, pad_id, device, packed)  # (2B,), (2B,)
     k = len(pi) // 2
     if loss_type == "ipo":  # per-token averages, as TRL passes them to the IPO loss; the implicit rewards (and
         # so the logged margin and accuracy) come from the same averages: beta * (avg log pi - avg log ref)
@@ -207,7 +212,8 @@ def run(cfg: Config, out: str | Path) -> dict:
               f"batch {B} pairs x {A} accumulation x {W} processes = {B * A * W} pairs per step")
     trainer = Trainer(cfg, out, {"model": policy}, info, state={"data": batcher}, model_cfg=mcfg)
     net = trainer.models["model"]
-    pre = precompute_reference(ref, data, tok.pad_id, B, info, trainer.autocast) if cfg.dpo.precompute_ref else {}
+    packed = plain_gpt(net) is not None  # one path for policy and reference (see pair_logps)
+    pre = precompute_reference(ref, data, tok.pad_id, B, info, packed, trainer.autocast) if cfg.dpo.precompute_ref else {}
     if cfg.dpo.precompute_ref:
         ref = None  # freed: every reference log-prob the run needs is in `pre`
 
@@ -215,12 +221,12 @@ def run(cfg: Config, out: str | Path) -> dict:
         if split in pre:
             return pre[split].get(idx, info.device)  # (2B,)
         with torch.inference_mode():
-            return pair_logps(ref, pairs, tok.pad_id, info.device)[0].clone()  # (2B,)
+            return pair_logps(ref, pairs, tok.pad_id, info.device, packed)[0].clone()  # (2B,)
 
     def micro_step(idx: list[int]) -> tuple[torch.Tensor, int, dict]:
         pairs = [data.train[j] for j in idx]
-        l, rc, rr, pi, rf, n = pair_terms(net, pairs, tok.pad_id, info.device, ref_sums("train", idx, pairs), beta,
-                                          loss_type)
+        l, rc, rr, pi, rf, n = pair_terms(net, pairs, tok.pad_id, info.device, packed, ref_sums("train", idx, pairs),
+                                          beta, loss_type)
         return l.sum(), len(idx), dict(zip(SUM_KEYS[1:], pair_sums(l, rc, rr, pi, rf, n)[1:]))
 
     def step_fn(step: int) -> dict:
@@ -234,7 +240,8 @@ def run(cfg: Config, out: str | Path) -> dict:
         for idx in eval_batches(pair_lengths(data.val), B, info.rank, W, cfg.train.eval_batches):
             pairs = [data.val[j] for j in idx]
             with trainer.autocast():
-                terms = pair_terms(net, pairs, tok.pad_id, info.device, ref_sums("val", idx, pairs), beta, loss_type)
+                terms = pair_terms(net, pairs, tok.pad_id, info.device, packed, ref_sums("val", idx, pairs), beta,
+                                   loss_type)
             acc[:7] += pair_sums(*terms).cpu()
             acc[7] += len(idx)
         acc = D.all_reduce_sum(acc)
