@@ -447,3 +447,20 @@ def test_prompt_rows_score_each_answer_as_its_own_sequence(monkeypatch):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
     assert isinstance(rm.collate_for(model, pairs, 0, "cpu"), type(batch))
     assert not isinstance(rm.collate_for(torch.nn.Sequential(), pairs, 0, "cpu"), type(batch))  # any other model
+
+
+def test_reward_scorer_reads_repeated_prompts_once_with_the_same_scores(trained_rm):
+    """GRPO's groups (each prompt several times): the scorer's prompt rows give every sequence the score it gets
+    alone, across several passes of at most batch_size prompts."""
+    from chatforge.rl.reward import RewardModelScorer
+
+    s = RewardModelScorer(trained_rm, batch_size=2)
+    tok = s.tokenizer
+    prompts = [[0, 3, 4], [0, 5], [0, 3, 4, 6, 7, 8]]
+    answers = ["hello", "a longer answer here", "no", "yes please", "x", "the end"]
+    p_ids = [prompts[i % 3] for i in range(6)] + [prompts[0]]  # each prompt twice, the first three times
+    r_ids = [tok.encode(a) + [tok.end_id] for a in answers] + [tok.encode("again") + [tok.end_id]]
+    raw, norm = s.score_ids(p_ids, r_ids)
+    alone = torch.cat([s.score_ids([p], [r])[0] for p, r in zip(p_ids, r_ids)])  # one sequence per call
+    torch.testing.assert_close(raw, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm, (alone - s.mean) / s.std, atol=1e-5, rtol=1e-5)

@@ -204,59 +204,67 @@ class PairSequences:
 
 @dataclass
 class PromptRows:
-    """The distinct sequences of B pairs as one row per distinct prompt: the prompt once, then each of its distinct
-    answers as a branch of it (a model reads the row with ``branches``, see model.gpt.branch_layout). ids (G, T)
-    right-padded with pad_id; branches (G, T): 0 prompt, k the k-th answer, -1 padding; row (U,) and last (U,):
-    the row and slot of each distinct sequence's last token; lengths (U,): each sequence's length, prompt +
-    answer; chosen (B,) and rejected (B,): each pair's sequences, indices into U."""
+    """Sequences prompt + answer as one row per distinct prompt: the prompt once, then each of its answers as a
+    branch of it (a model reads the row with ``branches``, see model.gpt.branch_layout). ids (G, T) right-padded
+    with pad_id; branches (G, T): 0 prompt, k the k-th answer, -1 padding; row (U,) and last (U,): the row and
+    slot of each sequence's last token; lengths (U,): each sequence's length, prompt + answer. For pairs
+    (:func:`collate_prompt_rows`) the sequences are the distinct ones and chosen (B,) / rejected (B,) index them."""
 
     ids: torch.Tensor
     branches: torch.Tensor
     row: torch.Tensor
     last: torch.Tensor
     lengths: torch.Tensor
-    chosen: torch.Tensor
-    rejected: torch.Tensor
+    chosen: Optional[torch.Tensor] = None
+    rejected: Optional[torch.Tensor] = None
 
     def to(self, device) -> "PromptRows":
-        return PromptRows(*(t.to(device, non_blocking=True) for t in (self.ids, self.branches, self.row, self.last,
-                                                                        self.lengths, self.chosen, self.rejected)))
+        return PromptRows(*(None if t is None else t.to(device, non_blocking=True)
+                            for t in (self.ids, self.branches, self.row, self.last, self.lengths, self.chosen,
+                                      self.rejected)))
 
     @property
     def tokens(self) -> torch.Tensor:
-        """Tokens of the distinct sequences (as :class:`PairSequences` counts them), () long."""
+        """Tokens of the sequences (as :class:`PairSequences` counts them), () long."""
         return self.lengths.sum()
 
 
-def collate_prompt_rows(pairs: Sequence[TokenPair], pad_id: int) -> PromptRows:
-    """Pairs -> :class:`PromptRows`: prompts and their distinct answers in order of first appearance."""
-    answers: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}  # prompt -> answer -> sequence index
-    seqs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-
-    def seq(p: TokenPair, side: str) -> int:
-        key, ans = tuple(p.prompt), tuple(getattr(p, side))
-        mine = answers.setdefault(key, {})
-        if ans not in mine:
-            mine[ans] = len(seqs)
-            seqs.append((key, ans))
-        return mine[ans]
-
-    chosen = [seq(p, "chosen") for p in pairs]
-    rejected = [seq(p, "rejected") for p in pairs]
+def branch_rows(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> PromptRows:
+    """(prompt, answer) sequences -> :class:`PromptRows`, a row per distinct prompt in order of first appearance,
+    its answers as branches in the order given (a sequence given twice is two branches)."""
+    answers: dict[tuple[int, ...], list[tuple[Sequence[int], int]]] = {}  # prompt -> [(answer, sequence index)]
+    for u, (prompt, ans) in enumerate(seqs):
+        if len(prompt) == 0:
+            raise ValueError(f"branch_rows: sequence {u} has an empty prompt")
+        answers.setdefault(tuple(prompt), []).append((ans, u))
     rows, branch = [], []
     row, last = [0] * len(seqs), [0] * len(seqs)
     for g, (prompt, mine) in enumerate(answers.items()):
         ids, br = list(prompt), [0] * len(prompt)
-        for k, (ans, u) in enumerate(mine.items(), start=1):
-            ids += ans
+        for k, (ans, u) in enumerate(mine, start=1):
+            ids += list(ans)
             br += [k] * len(ans)
-            row[u], last[u] = g, len(ids) - 1 if ans else len(prompt) - 1
+            row[u], last[u] = g, len(ids) - 1 if len(ans) else len(prompt) - 1
         rows.append(ids)
         branch.append(br)
     T = max(len(r) for r in rows)
     return PromptRows(pad(rows, pad_id, "right", T), pad(branch, -1, "right", T), torch.tensor(row),
-                      torch.tensor(last), torch.tensor([len(p) + len(a) for p, a in seqs]), torch.tensor(chosen),
-                      torch.tensor(rejected))
+                      torch.tensor(last), torch.tensor([len(p) + len(a) for p, a in seqs]))
+
+
+def collate_prompt_rows(pairs: Sequence[TokenPair], pad_id: int) -> PromptRows:
+    """Pairs -> :class:`PromptRows` of their distinct sequences (in order of first appearance: every chosen, then
+    every rejected), with each pair's chosen and rejected sequence."""
+    index: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+
+    def seq(p: TokenPair, side: str) -> int:
+        return index.setdefault((tuple(p.prompt), tuple(getattr(p, side))), len(index))
+
+    chosen = [seq(p, "chosen") for p in pairs]
+    rejected = [seq(p, "rejected") for p in pairs]
+    rows = branch_rows(list(index), pad_id)
+    rows.chosen, rows.rejected = torch.tensor(chosen), torch.tensor(rejected)
+    return rows
 
 
 def collate_unique(pairs: Sequence[TokenPair], pad_id: int) -> PairSequences:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from chatforge.config import ModelConfig
+from chatforge.data.chunks import call_overhead_tokens, length_groups
 from chatforge.model.gpt import GPT, Trunk, init_trunk
 
 
@@ -49,6 +50,26 @@ def score_sequences(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int
         mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).to(device)  # (b, T)
         out[idx] = gather_last(model(ids).float(), mask).cpu()  # (b,)
     return out
+
+
+def branch_scores(model: "ScalarModel", rows) -> torch.Tensor:
+    """Scores (U,) fp32 of the sequences laid out as data.pairs.PromptRows (a row per prompt, its answers branching
+    from it), each read at its last token: the prompt computed once for all its answers. Rows of similar length go
+    through the model together (data.chunks.length_groups), each group cut to its longest."""
+    dev = rows.ids.device
+    lengths = (rows.branches >= 0).sum(1).tolist()  # (G,)
+    row, last = rows.row.tolist(), rows.last.tolist()  # (U,)
+    parts, order = [], []
+    for group in length_groups(lengths, call_overhead_tokens(dev)):
+        T = max(lengths[g] for g in group)
+        sel = torch.tensor(group, device=dev)
+        h = model.model(rows.ids[sel, :T], branches=rows.branches[sel, :T])  # (g, T, C)
+        local = {g: j for j, g in enumerate(group)}
+        seqs = [u for u in range(len(row)) if row[u] in local]  # the sequences these rows hold
+        at = torch.tensor([[local[row[u]], last[u]] for u in seqs], device=dev)  # (u, 2): row, slot
+        parts.append(model.score(h[at[:, 0], at[:, 1]]).squeeze(-1).float())  # (u,)
+        order += seqs
+    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=dev))]  # (U,) in sequence order
 
 
 class ScalarModel(nn.Module):

@@ -26,8 +26,10 @@ import torch
 
 from chatforge.config import ConfigError
 from chatforge.errors import ChatforgeError
-from chatforge.model.heads import score_sequences
+from chatforge import distributed as D
 from chatforge.data.chunks import call_overhead_tokens, plan_chunks
+from chatforge.data.pairs import PromptRows, branch_rows
+from chatforge.model.heads import ScalarModel, branch_scores, score_sequences
 from chatforge.model.load import load_scalar_model
 from chatforge.rundir import RUN_INFO
 from chatforge.tokenizer import ChatTokenizer, render_prompt, render_response
@@ -102,7 +104,9 @@ class RewardModelScorer:
 
         Each sequence is right-padded and read at its last real token, in length-sorted batches of at most
         ``batch_size`` (chatforge/data/chunks.py). A sequence longer than the RM's context keeps its last
-        ``block_size`` tokens (the end, where the reward is read).
+        ``block_size`` tokens (the end, where the reward is read). Where prompts repeat (GRPO's groups) and every
+        sequence fits, a native reward model reads a row per prompt with its responses branching from it, the
+        prompt computed once (``model.heads.branch_scores``), at most ``batch_size`` prompts per pass.
         """
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"score_ids: {len(prompt_ids)} prompts but {len(response_ids)} responses")
@@ -112,9 +116,20 @@ class RewardModelScorer:
             raise ValueError("score_ids: an empty prompt+response sequence")
         raw = torch.empty(len(seqs), dtype=torch.float32)  # (N,)
         device = next(self.model.parameters()).device  # read each call: the model may be offloaded
-        over = call_overhead_tokens(device)
-        for rows in plan_chunks([len(s) for s in seqs], [0] * len(seqs), self.batch_size, over):  # length-sorted
-            raw[rows] = score_sequences(self.model, [seqs[i] for i in rows], self.pad_id, len(rows))  # (b,)
+        shared = len({tuple(p) for p in prompt_ids}) < len(prompt_ids)  # e.g. GRPO's groups of samples per prompt
+        fits = all(len(p) + len(r) <= self.block_size for p, r in zip(prompt_ids, response_ids))
+        if shared and fits and D.bare(self.model, ScalarModel) is not None:  # each prompt computed once
+            rows = branch_rows(list(zip(prompt_ids, response_ids)), self.pad_id)
+            for start in range(0, len(rows.ids), self.batch_size):  # at most batch_size prompt rows per pass
+                part = torch.arange(start, min(start + self.batch_size, len(rows.ids)))  # (g,) these rows
+                mine = torch.isin(rows.row, part).nonzero().squeeze(1)  # (u,) the sequences they hold
+                sub = PromptRows(rows.ids[part], rows.branches[part], rows.row[mine] - start, rows.last[mine],
+                                 rows.lengths[mine])
+                raw[mine] = branch_scores(self.model, sub.to(device)).cpu()  # (u,)
+        else:
+            over = call_overhead_tokens(device)
+            for rows in plan_chunks([len(s) for s in seqs], [0] * len(seqs), self.batch_size, over):  # length-sorted
+                raw[rows] = score_sequences(self.model, [seqs[i] for i in rows], self.pad_id, len(rows))  # (b,)
         _check_finite(raw, f"reward model {self.path}")
         return raw, (raw - self.mean) / self.std
 

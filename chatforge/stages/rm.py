@@ -29,7 +29,7 @@ from chatforge.data.batching import BucketBatcher, eval_batches
 from chatforge.data.chunks import call_overhead_tokens, length_groups
 from chatforge.data.pairs import (PairData, PairSequences, PromptRows, collate_prompt_rows, collate_unique,
                                   load_pair_data, pair_lengths)
-from chatforge.model.heads import ScalarModel, gather_last, score_sequences
+from chatforge.model.heads import ScalarModel, branch_scores, gather_last, score_sequences
 from chatforge.model.load import load_causal_lm, scalar_from_causal
 from chatforge.model.lora import apply_lora
 from chatforge.rl.roles import disable_dropout
@@ -47,28 +47,18 @@ def pair_rewards(model: torch.nn.Module, batch: PairSequences | PromptRows) -> t
     Either way rows of similar length go through the model together (:func:`length_groups`), each group cut to
     its longest, so short ones do not pay for the longest one's padding.
     """
-    dev = batch.ids.device
     if isinstance(batch, PromptRows):
-        lengths = (batch.branches >= 0).sum(1).tolist()  # (G,)
-        row, last = batch.row.tolist(), batch.last.tolist()  # (U,)
-    else:
-        lengths = batch.attention_mask.sum(1).tolist()  # (U,)
+        r = branch_scores(model, batch)  # (U,)
+        return r[batch.chosen], r[batch.rejected]
+    lengths = batch.attention_mask.sum(1).tolist()  # (U,)
     parts, order = [], []
-    for rows in length_groups(lengths, call_overhead_tokens(dev)):
+    for rows in length_groups(lengths, call_overhead_tokens(batch.ids.device)):
         T = max(lengths[i] for i in rows)
-        sel = torch.tensor(rows, device=dev)
-        if isinstance(batch, PromptRows):
-            h = model.model(batch.ids[sel, :T], branches=batch.branches[sel, :T])  # (g, T, C)
-            local = {g: j for j, g in enumerate(rows)}
-            seqs = [u for u in range(len(row)) if row[u] in local]  # the sequences these rows hold
-            at = torch.tensor([[local[row[u]], last[u]] for u in seqs], device=dev)  # (u, 2) row, slot
-            parts.append(model.score(h[at[:, 0], at[:, 1]]).squeeze(-1).float())  # (u,)
-            order += seqs
-        else:
-            values = model(batch.ids[sel, :T])  # (u, T) fp32
-            parts.append(gather_last(values, batch.attention_mask[sel, :T]))  # (u,)
-            order += rows
-    r = torch.cat(parts)[torch.argsort(torch.tensor(order, device=dev))]  # (U,) in batch order
+        sel = torch.tensor(rows, device=batch.ids.device)
+        values = model(batch.ids[sel, :T])  # (u, T) fp32
+        parts.append(gather_last(values, batch.attention_mask[sel, :T]))  # (u,)
+        order += rows
+    r = torch.cat(parts)[torch.argsort(torch.tensor(order, device=batch.ids.device))]  # (U,) in batch order
     return r[batch.chosen], r[batch.rejected]
 
 
