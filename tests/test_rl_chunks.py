@@ -9,7 +9,7 @@ import torch
 from chatforge.config import ModelConfig
 from chatforge.model.gpt import GPT
 from chatforge.data.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
-from chatforge.next_token_logits import plain_gpt
+from chatforge.next_token_logits import next_token_logits, plain_gpt
 from chatforge.rl.rollout import build_batch, chunked, response_logits, response_logprobs
 
 PROMPTS, RESPONSES = [10, 100, 12, 98], [5, 5, 5, 5]  # sorted by length: rows 0 (15), 2 (17), 3 (103), 1 (105)
@@ -65,3 +65,36 @@ def test_response_logits_run_the_head_on_response_positions_only():
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
     wrapped = torch.nn.Sequential()  # any other module type: its whole forward
     assert plain_gpt(wrapped) is None and plain_gpt(model) is model
+
+
+def test_rows_sharing_a_prompt_are_read_as_one_row_with_the_same_log_probs_and_gradient():
+    """GRPO's groups: a native GPT reads a row per prompt, its responses branching from it; the response logits,
+    log-probs and gradient equal those of the rows read apart, and the update's chunks keep a prompt's rows
+    together (unless a prompt has more rows than a chunk may hold)."""
+    from chatforge.rl.rollout import branch_response_logits, row_chunks
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64), 50)
+    g = torch.Generator().manual_seed(4)
+    ids = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
+    p1, p2 = ids(6), ids(11)
+    prompts = [p1, p1, p2, p1, p2, p2]
+    batch = build_batch(prompts, [ids(n) for n in (3, 7, 1, 5, 9, 2)], 0, 99)  # 99: no end id in the responses
+    packed = branch_response_logits(model, batch)  # (6, 9, 50)
+    apart = next_token_logits(model, batch.input_ids, batch.prompt_len, batch.attention_mask)  # row by row
+    m = batch.response_mask.bool()
+    torch.testing.assert_close(packed[m], apart[m], atol=1e-5, rtol=1e-5)
+    w = torch.randn(m.shape, generator=g)
+    lp_packed = response_logprobs(model, batch, 1.0)[0]  # through response_logits: the packed path
+    (lp_packed * w).sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    targets = batch.input_ids[:, batch.prompt_len:]
+    lp_apart = torch.log_softmax(apart, -1).gather(-1, targets[..., None])[..., 0] * batch.response_mask
+    torch.testing.assert_close(lp_packed, lp_apart, atol=1e-5, rtol=1e-5)
+    (lp_apart * w).sum().backward()
+    for a, b in zip(got, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    chunks = row_chunks(batch, range(6), 4, 8.0, by_prompt=True)
+    assert sorted(sorted(c.tolist()) for c in chunks) == [[0, 1, 3], [2, 4, 5]]
+    assert max(len(c) for c in row_chunks(batch, range(6), 2, 8.0, by_prompt=True)) <= 2  # groups of 3 > 2: apart

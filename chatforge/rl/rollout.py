@@ -32,7 +32,8 @@ from chatforge import losses
 from chatforge.config import ConfigError
 from chatforge.config import RLConfig
 from chatforge.engine import Engine
-from chatforge.next_token_logits import next_token_logits
+from chatforge.data.pairs import branch_rows
+from chatforge.next_token_logits import next_token_logits, plain_gpt
 from chatforge.data.chunks import FEWEST_CHUNKS, call_overhead_tokens, plan_chunks
 from chatforge.rl.prompts import PromptLoader, PromptSet
 from chatforge.rl.roles import Roles
@@ -135,8 +136,30 @@ def sample(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_
 
 def response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
     """The logits that score each response token: (B, R, V), from one forward over (B, P + R) (the LM head on the
-    R scoring positions only where it can: :func:`next_token_logits`)."""
+    R scoring positions only where it can: :func:`next_token_logits`); a native GPT given rows that share a prompt
+    (GRPO's groups) reads a row per prompt instead (:func:`branch_response_logits`)."""
+    gpt = plain_gpt(model)
+    if gpt is not None and len({tuple(p) for p in batch.prompt_ids}) < len(batch):
+        return branch_response_logits(gpt, batch)
     return next_token_logits(model, batch.input_ids, batch.prompt_len, batch.attention_mask)  # (B, R, V)
+
+
+def branch_response_logits(gpt: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """:func:`response_logits` of a native GPT from a row per distinct prompt, its responses branching from it
+    (data.pairs.branch_rows, model.gpt.branch_layout): the prompt computed once for all the rows that share it.
+    -> (B, R, V) in the batch's row order; positions past a response's end hold any logits (masked by the
+    caller's response_mask)."""
+    dev = batch.input_ids.device
+    rows = branch_rows(list(zip(batch.prompt_ids, batch.response_ids)), 0).to(dev)
+    h = gpt.model(rows.ids, branches=rows.branches)  # (G, T, C)
+    R = batch.response_mask.shape[1]
+    resp = torch.tensor([len(r) for r in batch.response_ids], device=dev)  # (B,)
+    first = rows.last - resp + 1  # (B,) the slot of each response's first token in its row
+    prompt_last = torch.tensor([len(p) - 1 for p in batch.prompt_ids], device=dev)  # (B,)
+    j = torch.arange(R, device=dev)[None]  # (1, R)
+    at = torch.where(j == 0, prompt_last[:, None], first[:, None] + j - 1)  # (B, R): the slot predicting token j
+    at = torch.minimum(at, rows.last[:, None])  # past the response's end: any slot of the row
+    return gpt.lm_head(h[rows.row[:, None], at])  # (B, R, V)
 
 
 def response_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: float,
@@ -180,10 +203,25 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return g
 
 
-def row_chunks(batch: RolloutBatch, rows: Sequence[int], max_rows: int, overhead: float) -> list[torch.Tensor]:
+def row_chunks(batch: RolloutBatch, rows: Sequence[int], max_rows: int, overhead: float,
+               by_prompt: bool = False) -> list[torch.Tensor]:
     """``rows`` of ``batch`` grouped for forward passes of at most ``max_rows`` rows: length-sorted chunks that
-    waste little compute on padding (chatforge/data/chunks.py); each a (b,) long tensor of row indices."""
+    waste little compute on padding (chatforge/data/chunks.py); each a (b,) long tensor of row indices.
+
+    ``by_prompt`` (the forward reads a row per prompt, :func:`branch_response_logits`): the rows of one prompt stay
+    in one chunk, and the plan weighs a prompt's row at prompt + all its responses, where no prompt has more
+    rows than ``max_rows``."""
     rows = list(rows)
+    if by_prompt:
+        units: dict[tuple[int, ...], list[int]] = {}
+        for i in rows:
+            units.setdefault(tuple(batch.prompt_ids[i]), []).append(i)
+        groups = list(units.values())
+        size = max(len(g) for g in groups)
+        if len(groups) < len(rows) and size <= max_rows:
+            width = [len(batch.prompt_ids[g[0]]) + sum(len(batch.response_ids[i]) for i in g) for g in groups]
+            plan = plan_chunks(width, [0] * len(groups), max(1, max_rows // size), overhead)
+            return [torch.tensor([i for u in c for i in groups[u]], dtype=torch.long) for c in plan]
     plan = plan_chunks([len(batch.prompt_ids[i]) for i in rows], [len(batch.response_ids[i]) for i in rows],
                        max_rows, overhead)
     return [torch.tensor([rows[j] for j in c], dtype=torch.long) for c in plan]

@@ -17,10 +17,11 @@ MicroStep = Callable[[RolloutBatch, int], tuple[torch.Tensor, float, dict]]
 
 def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibatches: int, micro_rows: int,
                   generator: torch.Generator, micro_step: MicroStep, summarise: Callable[[dict], dict],
-                  overhead: float = FEWEST_CHUNKS) -> dict[str, float]:
+                  overhead: float = FEWEST_CHUNKS, by_prompt: bool = False) -> dict[str, float]:
     """``epochs`` passes over ``minibatches`` shuffled minibatches of this rank's rollout rows, one optimizer step
     per minibatch, micro-batches of at most ``micro_rows`` rows: length-sorted, cut where padding would cost more
-    than ``overhead`` tokens per extra forward (chatforge/data/chunks.py).
+    than ``overhead`` tokens per extra forward (chatforge/data/chunks.py); ``by_prompt``: rows that share a prompt
+    stay together (rollout.row_chunks), for a model that reads a row per prompt.
 
     ``micro_step(rows, epoch)`` returns the micro-batch's ``(loss_sum, count, sums)`` (see Trainer.accumulate),
     so micro-batching and ranks leave each minibatch's gradient unchanged. ``summarise(result)`` turns one
@@ -33,7 +34,7 @@ def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibat
     for epoch in range(epochs):
         perm = torch.randperm(n_rows, generator=generator)
         for mb in perm.tensor_split(M):
-            chunks = [batch.select(rows) for rows in row_chunks(batch, mb.tolist(), micro_rows, overhead)]
+            chunks = [batch.select(rows) for rows in row_chunks(batch, mb.tolist(), micro_rows, overhead, by_prompt)]
             res = trainer.accumulate(chunks, lambda sub: micro_step(sub, epoch))
             for k, v in summarise(res).items():
                 sums[k] += v

@@ -24,6 +24,7 @@ from chatforge.config import Config, ConfigError
 from chatforge.data.chunks import call_overhead_tokens
 from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.roles import check_rl_config, load_roles, print_role_memory, reward_module
+from chatforge.next_token_logits import plain_gpt
 from chatforge.rl.rollout import RolloutBatch, collect, log_samples, response_logprobs, rollout_metrics
 from chatforge.rl.stats import global_sums
 from chatforge.rl.update import update_epochs
@@ -136,7 +137,8 @@ def run(cfg: Config, out: str | Path) -> dict:
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
                                   generator=gen, micro_step=micro_step, summarise=summarise,
-                                  overhead=call_overhead_tokens(info.device))
+                                  overhead=call_overhead_tokens(info.device),
+                                  by_prompt=plain_gpt(actor_net) is not None)  # a group's prompt computed once
         if "kl" in stats:  # the rollout's KL, summed in the update (lazy_old)
             kl_metric["kl"] = stats.pop("kl")
         log_samples(trainer, step, r, rl.sample_every)
