@@ -171,7 +171,7 @@ def test_response_logps_in_length_groups_equal_one_padded_forward(monkeypatch):
     ids = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
     pairs = [TokenPair(ids(p), ids(c), ids(r), "x:1") for p, c, r in [(3, 2, 5), (40, 30, 4), (6, 70, 2), (50, 1, 1)]]
     batch = collate_pairs(pairs, 0)
-    monkeypatch.setattr(dpo, "call_overhead_tokens", lambda device: 8.0)  # cheap calls: several groups
+    monkeypatch.setattr(dpo, "call_overhead_tokens", lambda device, **kw: 8.0)  # cheap calls: several groups
     seen = []
     hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_packed_pairs_give_the_log_probs_and_gradients_of_separate_sequences(mon
     packed = collate_packed(pairs, 0)
     pos, _ = branch_layout(packed.branches)
     assert pos[1, :54].tolist() == list(range(50)) + list(range(20, 24))  # rejected restarts after the prompt
-    monkeypatch.setattr(dpo, "call_overhead_tokens", lambda device: 8.0)  # several groups
+    monkeypatch.setattr(dpo, "call_overhead_tokens", lambda device, **kw: 8.0)  # several groups
 
     def separate():  # each answer as its own sequence, one forward each
         out = []
@@ -226,3 +226,24 @@ def test_packed_pairs_give_the_log_probs_and_gradients_of_separate_sequences(mon
     long = [TokenPair(ids(40), ids(30), ids(30), "x:2")]  # positions reach 69 >= block_size 64
     with pytest.raises(ValueError, match="beyond the context length"):
         dpo.packed_logps(model, collate_packed(long, 0))
+
+
+def test_a_sharded_model_gets_one_forward_per_batch_whatever_the_lengths(monkeypatch):
+    """FSDP: every rank must make the same number of forward calls (each gathers shards with the others), so the
+    two-sequence path does not split a batch into length groups for a sharded model."""
+    from chatforge import distributed as D
+    from chatforge.config import ModelConfig
+    from chatforge.data.pairs import TokenPair, collate_pairs
+    from chatforge.model.gpt import GPT
+
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=128), 50).eval()
+    pairs = [TokenPair([1] * p, [2] * c, [3] * r, "x:1") for p, c, r in [(2, 1, 1), (60, 30, 40), (5, 2, 3)]]
+    calls = []
+    model.model.register_forward_hook(lambda m, i, o: calls.append(1))  # the trunk: one call per forward
+    with torch.no_grad():
+        dpo.response_logps(model, collate_pairs(pairs, 0))
+        assert len(calls) > 1  # not sharded: length groups
+        calls.clear()
+        monkeypatch.setattr(D, "is_fsdp", lambda m: True)
+        dpo.response_logps(model, collate_pairs(pairs, 0))
+    assert len(calls) == 1

@@ -429,7 +429,8 @@ def test_prompt_rows_score_each_answer_as_its_own_sequence(monkeypatch):
     assert batch.ids.shape == (2, 2 + 30 + 3) and batch.branches[0].tolist() == [0] * 9 + [1] * 4 + [2] + [3] * 7 + [-1] * 14
     assert batch.chosen.tolist() == [0, 0, 1, 2] and batch.rejected.tolist() == [3, 1, 3, 4]  # a, c, d; b, c, b, e
     assert int(batch.tokens) == sum(len(s) for s in (p1 + a, p1 + b, p1 + c, p2 + d, p2 + e))
-    monkeypatch.setattr(rm, "call_overhead_tokens", lambda device: 4.0)  # each row its own group
+    from chatforge.model import heads
+    monkeypatch.setattr(heads, "call_overhead_tokens", lambda device, **kw: 4.0)  # each row its own group
     r_c, r_r = rm.pair_rewards(model, batch)
 
     def alone(p, ans):  # the sequence prompt + answer by itself, read at its last token

@@ -30,9 +30,11 @@ CPU_OVERHEAD = 48.0  # tokens per thread that one more forward call costs on a C
 FEWEST_CHUNKS = 1e9  # the overhead that makes the plan use the fewest chunks
 
 
-def call_overhead_tokens(device: torch.device | str, threads: Optional[int] = None) -> float:
-    """The cost of one more forward call in tokens (see the module docstring); ``threads``: torch's by default."""
-    if torch.device(device).type != "cpu":
+def call_overhead_tokens(device: torch.device | str, threads: Optional[int] = None, sharded: bool = False) -> float:
+    """The cost of one more forward call in tokens (see the module docstring); ``threads``: torch's by default.
+    ``sharded`` (an FSDP model: each forward gathers its shards with the other ranks, so every rank must make the
+    same number of calls, whatever its rows' lengths): the fewest calls."""
+    if sharded or torch.device(device).type != "cpu":
         return FEWEST_CHUNKS
     return CPU_OVERHEAD * (threads or torch.get_num_threads())
 

@@ -255,7 +255,7 @@ def collect(trainer: Trainer, roles: Roles, prompts: PromptSet, loader: PromptLo
         s = sample(gen_actor, prompt_ids, rl.max_new_tokens, rl.temperature, tok.end_id, tok.pad_id,
                    step_generator(seed, step, rank, dev))
     batch = build_batch(prompt_ids, s.response_ids, tok.pad_id, tok.end_id).to(dev)
-    T, over = rl.temperature, call_overhead_tokens(dev)
+    T, over = rl.temperature, call_overhead_tokens(dev, sharded=D.is_fsdp(actor))  # FSDP: equal calls on every rank
     with torch.no_grad(), trainer.autocast():
         if old_logp:
             with timer.phase("logp"):

@@ -59,7 +59,7 @@ def response_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tens
     starts = batch.response_mask.argmax(1).tolist()  # (2B,) each row's first response token
     dev = batch.ids.device
     sums, counts, order = [], [], []
-    for rows in length_groups(lengths, call_overhead_tokens(dev)):
+    for rows in length_groups(lengths, call_overhead_tokens(dev, sharded=D.is_fsdp(model))):
         T, first = max(lengths[i] for i in rows), max(1, min(starts[i] for i in rows))
         sel = torch.tensor(rows, device=dev)
         ids = batch.ids[sel, :T]  # (b, T)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from chatforge import distributed as D
 from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.data.chunks import call_overhead_tokens
@@ -137,7 +138,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
                                   generator=gen, micro_step=micro_step, summarise=summarise,
-                                  overhead=call_overhead_tokens(info.device),
+                                  overhead=call_overhead_tokens(info.device, sharded=D.is_fsdp(actor_net)),
                                   by_prompt=plain_gpt(actor_net) is not None)  # a group's prompt computed once
         if "kl" in stats:  # the rollout's KL, summed in the update (lazy_old)
             kl_metric["kl"] = stats.pop("kl")

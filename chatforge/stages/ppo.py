@@ -76,7 +76,7 @@ def advantages(trainer: Trainer, b: RolloutBatch, score: torch.Tensor, beta: flo
     m = b.response_mask  # (B, R)
     critic = D.unwrap(trainer.models["critic"])
     with torch.no_grad(), trainer.autocast(), (timer or PhaseTimer()).phase("value"):
-        over = call_overhead_tokens(b.input_ids.device)
+        over = call_overhead_tokens(b.input_ids.device, sharded=D.is_fsdp(critic))
         b.extra["values"] = chunked(b, micro_rows, lambda s: response_values(critic, s), over)  # (B, R)
     kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], rl.kl_estimator) * m  # (B, R)
     rewards, non_score = losses.rlhf_rewards(score, kl, m, beta)  # (B, R), (B,)
@@ -144,7 +144,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
                                   generator=gen, micro_step=micro_step, summarise=summarise,
-                                  overhead=call_overhead_tokens(info.device))
+                                  overhead=call_overhead_tokens(info.device, sharded=D.is_fsdp(trainer.models["actor"])))
         kl_ctl.update(kl_sum / n, int(n))
         log_samples(trainer, step, r, rl.sample_every)
         return {"loss": stats["policy_loss"] + rl.vf_coef * stats["value_loss"], **rollout_metrics(r),

@@ -52,7 +52,7 @@ def pair_rewards(model: torch.nn.Module, batch: PairSequences | PromptRows) -> t
         return r[batch.chosen], r[batch.rejected]
     lengths = batch.attention_mask.sum(1).tolist()  # (U,)
     parts, order = [], []
-    for rows in length_groups(lengths, call_overhead_tokens(batch.ids.device)):
+    for rows in length_groups(lengths, call_overhead_tokens(batch.ids.device, sharded=D.is_fsdp(model))):
         T = max(lengths[i] for i in rows)
         sel = torch.tensor(rows, device=batch.ids.device)
         values = model(batch.ids[sel, :T])  # (u, T) fp32
