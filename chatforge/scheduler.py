@@ -13,7 +13,7 @@ Each :meth:`Scheduler.step`:
 Two backends:
 
 - the native GPT (fast path): a :class:`SlotCache` holds up to ``max_batch`` rows of keys/values.
-  Rows join and leave at any step: the cache looks like :class:`~chatforge.model.gpt.KVCache` to the
+  Rows join and leave at any step: the cache looks like :class:`~chatforge.model.inference.KVCache` to the
   model (every row writes its next token at the shared slot ``length``; a row's own tokens are the slots
   marked ``valid``), so the model file knows nothing of serving. Slot order inside a row does not matter
   when decoding (RoPE is applied before caching; every valid slot is in the past), which lets a joining
@@ -46,9 +46,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from chatforge.engine import cache_dtype, prefill
+from chatforge.engine import cache_dtype, left_padded, prefill
 from chatforge.generation_request import Request, RequestEvent, RequestHandle
-from chatforge.model.gpt import GPT, inference_weights, kv_heads
+from chatforge.model.gpt import GPT, kv_heads
+from chatforge.model.inference import inference_weights
 from chatforge.row_sampling import sample_rows
 from chatforge.slot_cache import SlotCache
 
@@ -216,16 +217,10 @@ class Scheduler:
                 self.active.append(h)
                 self._sample([h], logits)
             return
-        B, P = len(hs), max(len(h.request.prompt) for h in hs)
-        idx = torch.full((B, P), self.pad_id, dtype=torch.long)  # (B, P) left-padded
-        mask = torch.zeros((B, P), dtype=torch.long)  # (B, P)
-        for i, h in enumerate(hs):
-            p = list(h.request.prompt)
-            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, P - len(p):] = 1
-        src = model.make_cache(B, P, self.device, self.cache.k.dtype, fused=self.cache.fused)  # no new weight copy
-        lengths = [len(h.request.prompt) for h in hs]
-        logits = prefill(model, src, idx.to(self.device), mask.to(self.device), lengths)  # (B, V), in length groups
+        prompts = [list(h.request.prompt) for h in hs]
+        idx, mask = left_padded(prompts, self.pad_id, self.device)  # (B, P) each
+        src = model.make_cache(*idx.shape, self.device, self.cache.k.dtype, fused=self.cache.fused)  # no new weight copy
+        logits = prefill(model, src, idx, mask, [len(p) for p in prompts])  # (B, V), in length groups
         rows = self.cache.add_rows(src)
         for h, r in zip(hs, rows):
             h.row = r

@@ -1,5 +1,5 @@
 """The native GPT's KV cache for continuous batching: :class:`SlotCache` holds the keys/values of up to
-``rows`` requests that join and leave at any step, and looks like :class:`~chatforge.model.gpt.KVCache` to
+``rows`` requests that join and leave at any step, and looks like :class:`~chatforge.model.inference.KVCache` to
 the model (see :mod:`chatforge.scheduler` for how the scheduler uses it)."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from typing import Optional
 
 import torch
 
-from chatforge.model.gpt import KVCache
+from chatforge.model.inference import KVCache
 
 
 class SlotCache:
     """Keys/values of up to ``rows`` requests that join and leave at any step (see the module docstring).
 
     Storage k, v: (n_layer, rows, n_kv_head, max_len, hd); rows [0, n) are active. Seen by the model as a
-    :class:`~chatforge.model.gpt.KVCache` of batch n: ``valid`` (n, max_len) bool, ``next_pos`` (n,),
+    :class:`~chatforge.model.inference.KVCache` of batch n: ``valid`` (n, max_len) bool, ``next_pos`` (n,),
     ``length`` (slots used so far, shared), ``update``, ``advance``.
     """
 
@@ -30,7 +30,7 @@ class SlotCache:
         self.n = 0
         self.length = 0
         self.padded = True  # rows joined at different lengths: decode steps read the validity mask
-        self.fused = None  # the model's weights arranged for generation (gpt.inference_weights), set by the scheduler
+        self.fused = None  # the model's weights arranged for generation (model.inference.inference_weights), set by the scheduler
 
     @property
     def valid(self) -> torch.Tensor:

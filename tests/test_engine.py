@@ -183,7 +183,7 @@ def test_grouped_prefill_equals_one_padded_prefill():
 
 
 def test_fused_projection_weights_follow_the_model():
-    from chatforge.model.gpt import inference_weights
+    from chatforge.model.inference import inference_weights
 
     m = make_gpt()
     a = m.model.layers[0].self_attn
@@ -209,7 +209,7 @@ def test_fused_projection_weights_follow_the_model():
 
 
 def test_finished_rows_leave_the_batch_without_changing_any_row(monkeypatch):
-    from chatforge.model.gpt import KVCache
+    from chatforge.model.inference import KVCache
 
     m = make_gpt()
     torch.manual_seed(3)
@@ -234,7 +234,7 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(monkeypatch):
 
 
 def test_a_prompt_given_several_times_is_prefilled_once(monkeypatch):
-    from chatforge.model.gpt import KVCache
+    from chatforge.model.inference import KVCache
 
     m = make_gpt()
     ps = [p for p in prompts() for _ in range(3)]  # each prompt three times, as GRPO samples a group
@@ -267,7 +267,7 @@ def test_wide_models_generate_on_prepacked_weights_with_the_same_logits():
     """From n_embd = PACK_MIN_WIDTH a CPU generation runs its products on oneDNN-prepacked weights: the logits of a
     prefill + decode through them match the modules' forward, greedy equals the naive loop, and training (autograd
     on), bf16 autocast and narrow models keep plain weights."""
-    from chatforge.model.gpt import PACK_MIN_WIDTH, packs_weights
+    from chatforge.model.inference import PACK_MIN_WIDTH, packs_weights
 
     m = make_gpt(n_embd=PACK_MIN_WIDTH, n_head=4, n_kv_head=2, std=0.05)
     if not packs_weights(PACK_MIN_WIDTH, "cpu", torch.float32):

@@ -205,7 +205,7 @@ def test_slot_cache_rows_join_leave_and_compact():
 
 
 def micro_cache(B, P):
-    from chatforge.model.gpt import KVCache
+    from chatforge.model.inference import KVCache
 
     return KVCache(1, B, 1, P, 1)
 

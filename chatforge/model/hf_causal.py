@@ -82,7 +82,7 @@ def model_config_from_any(config, init: Optional[str] = None, trust_remote_code:
 
 class HFCache:
     """The engine's KV cache for a wrapped model: transformers' ``DynamicCache`` plus the bookkeeping the
-    native :class:`~chatforge.model.gpt.KVCache` does (which slots are real tokens, the next position).
+    native :class:`~chatforge.model.inference.KVCache` does (which slots are real tokens, the next position).
 
     valid: (B, S) 1 for real-token slots, 0 for padding; next_pos: (B,); length: slots filled.
     """
