@@ -43,4 +43,13 @@ def make_optimizer(model: nn.Module, lr: float, oc: OptimConfig, device: torch.d
         opt = torch.optim.AdamW(groups, lr=lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
     for g in opt.param_groups:
         g["base_lr"] = lr
+    opt.register_step_post_hook(bump_versions)
     return opt
+
+
+def bump_versions(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    """After a step, mark every parameter as modified in place: torch's fused AdamW writes them without bumping
+    their version counters, and what is keyed on those counters (the prepacked weights generation keeps,
+    chatforge/model/inference.py) must see the step."""
+    for g in opt.param_groups:
+        torch.autograd.graph.increment_version(g["params"])

@@ -40,6 +40,10 @@ class SlotCache:
     def next_pos(self) -> torch.Tensor:
         return self.pos_all[: self.n]  # (n,)
 
+    def active_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every layer and active row, (n_layer, n, n_kv_head, max_len, hd) views."""
+        return self.k[:, : self.n], self.v[:, : self.n]
+
     def nbytes_per_row(self) -> int:
         """Bytes of keys + values one request holds (its row of the storage)."""
         return 2 * self.k[:, 0].numel() * self.k.element_size()

@@ -1,5 +1,7 @@
 """Engine: KV-cached batched generation equals naive full forwards and transformers' generate."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -190,10 +192,10 @@ def test_fused_projection_weights_follow_the_model():
     assert m.make_cache(1, 8).fused is None  # autograd on: training keeps the modules' own weights
     with torch.no_grad():
         cache = m.make_cache(1, 8)
-    fused = cache.fused.layers[0]
-    assert torch.equal(fused.qkv, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+    fused = cache.fused
+    assert torch.equal(fused.qkv[0], torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
     mlp = m.model.layers[0].mlp
-    assert torch.equal(fused.gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    assert torch.equal(fused.gate_up[0], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
     # a training step changes the weights: the next generation sees them (a new cache, new copies)
     before = Engine(m).generate(prompts(), 5, temperature=0.0).tokens
     with torch.no_grad():
@@ -275,7 +277,8 @@ def test_wide_models_generate_on_prepacked_weights_with_the_same_logits():
     ids = torch.tensor([prompts()[2]])  # (1, 12)
     with torch.no_grad():
         cache = m.make_cache(1, 16)
-        assert all(w.is_mkldnn for layer in cache.fused.layers for w in layer) and cache.fused.head.is_mkldnn
+        f = cache.fused
+        assert all(w.is_mkldnn for w in f.qkv + f.o + f.gate_up + f.down + [f.head])
         pre = m(ids[:, :-1], cache=cache)  # (1, 11, V)
         step = m(ids[:, -1:], cache=cache)  # (1, 1, V)
         full = m(ids)  # the modules' forward, no cache
@@ -288,3 +291,90 @@ def test_wide_models_generate_on_prepacked_weights_with_the_same_logits():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not packs_weights(PACK_MIN_WIDTH, "cpu", torch.float32)
     assert m.make_cache(1, 8).fused is None  # autograd on
+
+
+@pytest.mark.parametrize("width,autocast,scripted", [(64, False, True), (256, False, True), (64, False, False),
+                                                     (64, True, False)])
+def test_flat_decode_step_equals_the_modules_forward_bit_for_bit(width, autocast, scripted, monkeypatch):
+    """A decode step on arranged weights runs flat (model.inference.decode_step: no module calls, rotary angles
+    from a table, the blocks run by TorchScript); its logits and the cache it leaves equal the modules' forward on
+    the same cache exactly, on left-padded prompts with grouped-query heads, prepacked (wide) or plain weights,
+    scripted or in Python, and under bf16 autocast (Python)."""
+    from chatforge.engine import left_padded
+    from chatforge.model import inference
+    from chatforge.model.inference import linear
+
+    calls = []
+    real_step = inference.decode_step
+
+    def step(w, ids, cache, scripted=True):
+        calls.append(inference.scripted_decode_blocks() is not None and scripted and not autocast)
+        return real_step(w, ids, cache, scripted=scripted)
+    monkeypatch.setattr("chatforge.model.gpt.decode_step", lambda w, ids, cache: step(w, ids, cache, scripted))
+
+    m = make_gpt(n_embd=width, n_head=4, n_kv_head=2, std=0.05)
+    idx, mask = left_padded(prompts(), PAD, "cpu")  # (4, 12)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        dtype = torch.bfloat16 if autocast else torch.float32
+        flat, modules = m.make_cache(4, 20, dtype=dtype), m.make_cache(4, 20, dtype=dtype)
+        assert flat.fused is not None
+        nxt = m(idx, attention_mask=mask, cache=flat, last_only=True)[:, -1].argmax(-1)  # (4,)
+        m(idx, attention_mask=mask, cache=modules, last_only=True)
+        for _ in range(5):
+            a = m(nxt[:, None], cache=flat, last_only=True)[:, -1]  # (4, V): the flat step
+            b = linear(m.model(nxt[:, None], cache=modules)[:, -1:], modules.fused.head)[:, -1]  # the modules
+            assert torch.equal(a, b)
+            nxt = a.argmax(-1)
+    assert calls == [scripted and not autocast] * 5  # every decode step took the flat path, scripted as asked
+    for name in ("k", "v", "valid", "next_pos"):
+        assert torch.equal(getattr(flat, name), getattr(modules, name)), name
+    assert flat.length == modules.length == 17
+
+
+def test_prepacked_weights_are_kept_between_generations_until_the_weights_change():
+    """A wide model's prepacked weights are arranged once and kept while its parameters stay as they are; an
+    in-place edit, load_state_dict, a training forward and an optimizer step (fused AdamW, which does not bump
+    version counters itself: chatforge.optim bumps them) each make the next generation arrange them again, so a
+    generation always sees the weights of now (greedy equals the naive loop after each change)."""
+    from chatforge.config import OptimConfig
+    from chatforge.model.inference import PACK_MIN_WIDTH, _KEPT, packs_weights
+    from chatforge.optim import make_optimizer
+
+    if not packs_weights(PACK_MIN_WIDTH, "cpu", torch.float32):
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    m = make_gpt(n_embd=PACK_MIN_WIDTH, n_head=4, n_kv_head=2, std=0.05)
+    narrow = make_gpt()
+    p = prompts()[2]
+
+    def arranged():
+        with torch.no_grad():
+            return m.make_cache(1, 8).fused
+
+    def greedy_matches():
+        return Engine(m).generate([p], 6, temperature=0.0).tokens[0] == naive_greedy(m, p, 6)
+
+    first = arranged()
+    assert arranged() is first and greedy_matches()  # kept, and generation uses it
+    with torch.no_grad():
+        narrow.make_cache(1, 8)
+    assert narrow.model not in _KEPT  # plain weights (a concatenation) are made per generation
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # an in-place edit
+    second = arranged()
+    assert second is not first and greedy_matches()
+    m.load_state_dict(make_gpt(seed=3, n_embd=PACK_MIN_WIDTH, n_head=4, n_kv_head=2, std=0.05).state_dict())
+    third = arranged()
+    assert third is not second and greedy_matches()
+    opt = make_optimizer(m, 1e-2, OptimConfig(), torch.device("cpu"))
+    assert opt.defaults["fused"]
+    m(torch.tensor([p])).logsumexp(-1).mean().backward()  # a training forward drops the kept copy
+    assert m.model not in _KEPT
+    arranged()
+    opt.step()  # fused AdamW writes the weights in place, no forward between (as under torch.compile)
+    fourth = arranged()
+    assert fourth is not third and greedy_matches()
+    with torch.inference_mode():  # parameters made here have no version counter: nothing is kept
+        frozen = make_gpt(n_embd=PACK_MIN_WIDTH, n_head=4, n_kv_head=2, std=0.05)
+    assert Engine(frozen).generate([p], 6, temperature=0.0).tokens[0] == naive_greedy(frozen, p, 6)
+    assert frozen.model not in _KEPT

@@ -39,7 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.config import ConfigError, ModelConfig
-from chatforge.model.inference import InferenceWeights, KVCache, inference_weights, linear
+from chatforge.model.inference import (InferenceWeights, KVCache, decode_step, forget_generation_weights,
+                                      generation_weights, linear)
+from chatforge.model.ops import apply_rope, rms_norm, rope_cos_sin
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -76,48 +78,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one call, the same numbers
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-_ROPE_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def rope_constants(head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """inv_freq = 1 / theta^(arange(0, hd, 2) / hd), (hd/2,) fp32, and the sign (hd,) = (-1, ..., -1, 1, ..., 1)
-    of the rotate-half convention; computed once per (hd, theta, device) and kept outside the module (a buffer
-    would be rounded by ``.to(bf16)``)."""
-    key = (head_dim, float(theta), str(device))
-    if key not in _ROPE_CONSTANTS:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
-        sign = torch.ones(head_dim, device=device)
-        sign[: head_dim // 2] = -1.0
-        _ROPE_CONSTANTS[key] = inv_freq, sign
-    return _ROPE_CONSTANTS[key]
-
-
-def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin tables for integer positions ``pos`` (B, T) or (1, T) -> two (B, T, 1, hd) tensors
-    (broadcast over heads).
-
-    angles = pos * inv_freq (see :func:`rope_constants`), duplicated as cat(freqs, freqs) for the rotate-half
-    convention, in fp32. The sin table's first half is negated, so that transformers' ``rotate_half(x) * sin``
-    is ``roll(x, hd/2) * signed_sin`` (:func:`apply_rope`), the same numbers in fewer operations.
-    """
-    inv_freq, sign = rope_constants(head_dim, theta, pos.device)
-    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-    cos, sin = emb.cos(), emb.sin() * sign
-    if dtype != torch.float32:
-        cos, sin = cos.to(dtype), sin.to(dtype)
-    return cos.unsqueeze(2), sin.unsqueeze(2)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, hd) by the angles in cos / signed sin (B, T, 1, hd) (see :func:`rope_cos_sin`):
-    x * cos + rotate_half(x) * sin, where rotate_half((x1, x2)) = (-x2, x1)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+        return rms_norm(x, self.weight, self.eps)
 
 
 def branch_layout(branches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +125,7 @@ class Attention(nn.Module):
         if fused is None:
             q, k = self.q_proj(x).view(B, T, H, hd), self.k_proj(x).view(B, T, Hkv, hd)
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.v_proj(x).view(B, T, Hkv, hd)
-        qkv = linear(x, fused.layers[self.layer_idx].qkv).view(B, T, H + 2 * Hkv, hd)  # one product for the three
+        qkv = linear(x, fused.qkv[self.layer_idx]).view(B, T, H + 2 * Hkv, hd)  # one product for the three
         q, k = apply_rope(qkv[:, :, :H + Hkv], cos, sin).split((H, Hkv), dim=2)  # one rotation for q and k
         return q, k, qkv[:, :, H + Hkv:]
 
@@ -185,7 +146,7 @@ class Attention(nn.Module):
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         fused = cache.fused if cache is not None else None
-        return self.o_proj(y) if fused is None else linear(y, fused.layers[self.layer_idx].o)
+        return self.o_proj(y) if fused is None else linear(y, fused.o[self.layer_idx])
 
 
 class MLP(nn.Module):
@@ -203,9 +164,8 @@ class MLP(nn.Module):
         fused = cache.fused if cache is not None else None
         if fused is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        layer = fused.layers[self.layer_idx]
-        gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)  # one product for the two
-        return linear(F.silu(gate) * up, layer.down)
+        gate, up = linear(x, fused.gate_up[self.layer_idx]).chunk(2, dim=-1)  # one product for the two
+        return linear(F.silu(gate) * up, fused.down[self.layer_idx])
 
 
 class Block(nn.Module):
@@ -248,6 +208,8 @@ class Trunk(nn.Module):
         """``branches`` (B, T) instead of a mask: several continuations of one prefix in a row (see
         :func:`branch_layout`), e.g. a prompt and both answers of a preference pair, the prompt computed once."""
         B, T = idx.shape
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            forget_generation_weights(self)  # training: kept arranged weights would cost memory (and may go stale)
         if branches is not None and (cache is not None or attention_mask is not None):
             raise ValueError("branches replace attention_mask and cannot be used with a KV cache")
         if cache is None and branches is None and T > self.cfg.block_size:
@@ -322,20 +284,22 @@ class GPT(nn.Module):
                 cache: Optional[KVCache] = None, last_only: bool = False) -> torch.Tensor:
         """idx (B, T) token ids; attention_mask (B, T) 1 = real, 0 = pad -> logits (B, T, V)
         (``last_only``: (B, 1, V), the last position's only, as generation needs)."""
+        fused = cache.fused if cache is not None else None
+        if fused is not None and idx.shape[1] == 1 and attention_mask is None and cache.length < cache.max_len:
+            return decode_step(fused, idx[:, 0], cache)[:, None]  # (B, 1, V): a decode step, the same numbers
         h = self.model(idx, attention_mask, cache)  # (B, T, C)
         h = h[:, -1:] if last_only else h
-        fused = cache.fused if cache is not None else None
         return self.lm_head(h) if fused is None else linear(h, fused.head)
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype = torch.float32,
                    fused: Optional[InferenceWeights] = None) -> KVCache:
         """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens, holding the fused projection
         weights when no gradient is recorded (generation): ``fused`` when given (weights fused earlier and still
-        current, e.g. a server's), else :func:`inference_weights` of the weights now."""
+        current, e.g. a server's), else :func:`generation_weights`: the weights as they are now."""
         cache = KVCache(self.cfg.n_layer, batch_size, kv_heads(self.cfg), max_len,
                         self.cfg.n_embd // self.cfg.n_head, device, dtype)
         if not torch.is_grad_enabled():
-            cache.fused = fused if fused is not None else inference_weights(self)
+            cache.fused = fused if fused is not None else generation_weights(self)
         return cache
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -7,11 +7,15 @@ modules' own weights (training, LoRA, FSDP), else the :class:`InferenceWeights` 
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from chatforge.model.ops import apply_rope, rms_norm, rope_cos_sin
 
 
 def layer_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -53,6 +57,10 @@ class KVCache:
         vs.narrow(2, L, T).copy_(v)
         return ks.narrow(2, 0, L + T), vs.narrow(2, 0, L + T)
 
+    def active_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every layer and row, (n_layer, B, n_kv_head, max_len, hd) each."""
+        return self.k, self.v
+
     def sub(self, batch_size: int, max_len: int) -> "KVCache":
         """An empty cache of the same layers, dtype, device and fused weights, for prefilling some rows apart
         (then :meth:`insert` them)."""
@@ -92,24 +100,40 @@ class KVCache:
         self.length += T
 
 
-class FusedLayer(NamedTuple):
-    """One block's projection weights for inference: q|k|v and gate|up concatenated (one product instead of three,
-    two), each weight plain or prepacked for oneDNN (:func:`linear` takes either)."""
-    qkv: torch.Tensor
-    """cat(q_proj, k_proj, v_proj) weights, ((H + 2 Hkv) hd, C)."""
-    o: torch.Tensor
-    """o_proj's weight, (C, H hd)."""
-    gate_up: torch.Tensor
-    """cat(gate_proj, up_proj) weights, (2 h, C)."""
-    down: torch.Tensor
-    """down_proj's weight, (C, h)."""
-
-
 class InferenceWeights(NamedTuple):
-    """What a KV cache holds for its generation: every block's :class:`FusedLayer` and the LM head's weight."""
-    layers: list[FusedLayer]
+    """What a KV cache holds for its generation: the model's weights arranged for decoding and what
+    :func:`decode_step` needs of its shape. Lists have one entry per block; a product's weight is plain or
+    prepacked for oneDNN (:func:`linear` takes either)."""
+    qkv: list[torch.Tensor]
+    """cat(q_proj, k_proj, v_proj) weights, ((H + 2 Hkv) hd, C): one product instead of three."""
+    o: list[torch.Tensor]
+    """o_proj's weights, (C, H hd)."""
+    gate_up: list[torch.Tensor]
+    """cat(gate_proj, up_proj) weights, (2 h, C): one product instead of two."""
+    down: list[torch.Tensor]
+    """down_proj's weights, (C, h)."""
+    input_norm: list[torch.Tensor]
+    """input_layernorm's weights, (C,)."""
+    post_norm: list[torch.Tensor]
+    """post_attention_layernorm's weights, (C,)."""
     head: torch.Tensor
-    """lm_head's weight (V, C), plain or prepacked."""
+    """lm_head's weight (V, C)."""
+    embed: torch.Tensor
+    """embed_tokens' weight (V, C)."""
+    norm: torch.Tensor
+    """The final norm's weight (C,)."""
+    eps: float
+    """RMSNorm epsilon."""
+    n_head: int
+    """Query heads H."""
+    n_kv_head: int
+    """Key/value heads Hkv."""
+    rope_cos: torch.Tensor
+    """cos of every position's rotary angles, (block_size, hd), the numbers :func:`rope_cos_sin` gives."""
+    rope_sin: torch.Tensor
+    """signed sin of the same, (block_size, hd)."""
+    rope_theta: float
+    """RoPE base, for positions beyond the table."""
 
 
 PACK_MIN_WIDTH = 256
@@ -155,8 +179,137 @@ def inference_weights(model: nn.Module) -> Optional[InferenceWeights]:
         t = torch.cat([p.weight for p in parts]) if len(parts) > 1 else parts[0].weight.detach()
         return torch.ops.mkldnn._reorder_linear_weight(t, 16) if pack else t  # 16: a decode step's batch
 
+    cfg, trunk = model.cfg, model.model
+    blocks = list(trunk.layers)
     with torch.no_grad():
-        layers = [FusedLayer(arranged(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj),
-                             arranged(b.self_attn.o_proj), arranged(b.mlp.gate_proj, b.mlp.up_proj),
-                             arranged(b.mlp.down_proj)) for b in model.model.layers]
-        return InferenceWeights(layers, arranged(model.lm_head))
+        embed = trunk.embed_tokens.weight.detach()
+        positions = torch.arange(cfg.block_size, device=embed.device)[None]  # (1, N)
+        cos, sin = rope_cos_sin(positions, cfg.n_embd // cfg.n_head, cfg.rope_theta, embed.dtype)  # (1, N, 1, hd)
+        return InferenceWeights(
+            qkv=[arranged(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in blocks],
+            o=[arranged(b.self_attn.o_proj) for b in blocks],
+            gate_up=[arranged(b.mlp.gate_proj, b.mlp.up_proj) for b in blocks],
+            down=[arranged(b.mlp.down_proj) for b in blocks],
+            input_norm=[b.input_layernorm.weight.detach() for b in blocks],
+            post_norm=[b.post_attention_layernorm.weight.detach() for b in blocks],
+            head=arranged(model.lm_head), embed=embed, norm=trunk.norm.weight.detach(), eps=cfg.norm_eps,
+            n_head=cfg.n_head, n_kv_head=blocks[0].self_attn.n_kv_head, rope_cos=cos[0, :, 0], rope_sin=sin[0, :, 0],
+            rope_theta=cfg.rope_theta)
+
+
+_KEPT: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceWeights]]" = weakref.WeakKeyDictionary()
+"""Prepacked weights kept between generations, per trunk, with the key of the parameters they were made from."""
+
+
+def weights_key(model: nn.Module) -> Optional[tuple]:
+    """What must be unchanged for arranged weights to still be the model's: each parameter's storage and version
+    counter (load_state_dict and in-place edits bump it), and whether autocast is on (no prepacking under it).
+    None where a parameter has no version counter (made under ``torch.inference_mode``): nothing can be kept."""
+    params = list(model.parameters())
+    if any(q.is_inference() for q in params):
+        return None
+    autocast = torch.is_autocast_enabled(params[0].device.type)
+    return (autocast,) + tuple((q.data_ptr(), q._version) for q in params)
+
+
+def generation_weights(model: nn.Module) -> Optional[InferenceWeights]:
+    """:func:`inference_weights` of the model, kept with it between generations where arranging costs (weights
+    prepacked for oneDNN: ~37 ms at ~11M parameters on 2 CPU cores, a tenth of a 64-token generation at batch 1)
+    while :func:`weights_key` is unchanged and no forward with autograd on ran since (training forgets them,
+    :func:`forget_generation_weights`: torch's fused AdamW writes parameters without bumping their version
+    counters). The kept copy costs one more copy of the weights in memory while the model lives and is not
+    training; plain (unpacked) arrangements are made per generation (a concatenation: cheap)."""
+    key = weights_key(model)
+    kept = _KEPT.get(model.model)
+    if key is not None and kept is not None and kept[0] == key:
+        return kept[1]
+    w = inference_weights(model)
+    if key is not None and w is not None and w.head.is_mkldnn:
+        _KEPT[model.model] = (key, w)
+    else:
+        _KEPT.pop(model.model, None)
+    return w
+
+
+def forget_generation_weights(trunk: nn.Module) -> None:
+    """Drop the arranged weights kept for ``trunk`` (its forward with autograd on calls this: the weights may be
+    about to change, and training should not hold a second copy)."""
+    if trunk in _KEPT:
+        del _KEPT[trunk]
+
+
+def decode_blocks(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, length: int, qkv: list[torch.Tensor],
+                  o: list[torch.Tensor], gate_up: list[torch.Tensor], down: list[torch.Tensor],
+                  input_norm: list[torch.Tensor], post_norm: list[torch.Tensor], n_head: int, n_kv_head: int,
+                  eps: float) -> torch.Tensor:
+    """The blocks of one decode step: x (B, C) the new tokens' embeddings -> their hidden states (B, C), each
+    block's key and value written to slot ``length`` of k_cache, v_cache (n_layer, B, Hkv, max_len, hd).
+
+    cos, sin (B, 1, hd): the rows' rotary angles; mask (B, 1, 1, length + 1) bool (True = may attend) or None
+    (every slot holds a real token). Written for TorchScript as well as Python (:func:`decode_step` runs it scripted
+    where it can: the same operations without the interpreter's cost per operation)."""
+    B, H, Hkv = x.shape[0], n_head, n_kv_head
+    hd = cos.shape[-1]
+    for i in range(len(qkv)):
+        h = linear(rms_norm(x, input_norm[i], eps), qkv[i]).view(B, H + 2 * Hkv, hd)  # (B, H + 2 Hkv, hd)
+        qk = apply_rope(h[:, :H + Hkv], cos, sin)  # (B, H + Hkv, hd)
+        k_layer, v_layer = k_cache[i], v_cache[i]  # (B, Hkv, max_len, hd)
+        k_layer[:, :, length] = qk[:, H:]
+        v_layer[:, :, length] = h[:, H + Hkv:]
+        k, v = k_layer[:, :, :length + 1], v_layer[:, :, :length + 1]  # (B, Hkv, S, hd)
+        q = qk[:, :H].unsqueeze(2)  # (B, H, 1, hd)
+        if k.dtype != q.dtype:  # the cache may be fp32 under autocast
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, 1, hd)
+        x = x + linear(y.reshape(B, H * hd), o[i])  # (B, C)
+        gate, up = linear(rms_norm(x, post_norm[i], eps), gate_up[i]).chunk(2, dim=-1)  # (B, h) each
+        x = x + linear(F.silu(gate) * up, down[i])
+    return x
+
+
+_SCRIPTED: list = []  # [decode_blocks compiled by TorchScript, or None where that failed], filled on first use
+
+
+def scripted_decode_blocks():
+    """:func:`decode_blocks` compiled by TorchScript (once per process), or None where TorchScript cannot compile it
+    (then the Python function runs: the same operations, ~1 ms more per decode step at ~11M parameters on 2 CPU
+    cores). TorchScript is deprecated in favour of torch.compile, whose compilation takes tens of seconds per
+    shape on a CPU (benchmarks/RESULTS.md) where this takes a fraction of one."""
+    if not _SCRIPTED:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _SCRIPTED.append(torch.jit.script(decode_blocks))
+        except Exception:  # noqa: BLE001 - any failure to compile: the Python function computes the same
+            _SCRIPTED.append(None)
+    return _SCRIPTED[0]
+
+
+def decode_step(w: InferenceWeights, ids: torch.Tensor, cache, scripted: bool = True) -> torch.Tensor:
+    """One decode step of the native model on its arranged weights: ids (B,), one new token per row ->
+    logits (B, V) of the token after it; the cache (a :class:`KVCache`, or anything with its ``valid``,
+    ``next_pos``, ``length``, ``padded``, ``active_kv`` and ``advance``) gains the slot.
+
+    The operations of ``GPT.forward(ids[:, None], cache=cache)`` in the same order on the same numbers (tests
+    compare them bit for bit), with no module calls, the rotary angles read from a table, and the blocks run by
+    TorchScript (``scripted``, not under autocast): a decode step at batch 1 costs mostly its operations' dispatch.
+    """
+    x = F.embedding(ids, w.embed)  # (B, C)
+    pos = cache.next_pos  # (B,)
+    if cache.max_len <= w.rope_cos.shape[0]:  # every position the cache can hold is in the table
+        cos, sin = w.rope_cos[pos].unsqueeze(1), w.rope_sin[pos].unsqueeze(1)  # (B, 1, hd)
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    else:  # a cache longer than the context (a server's): compute them, as the modules do
+        cos, sin = rope_cos_sin(pos[:, None], w.rope_cos.shape[1], w.rope_theta, x.dtype)  # (B, 1, 1, hd)
+        cos, sin = cos[:, 0], sin[:, 0]  # (B, 1, hd)
+    L = cache.length
+    cache.valid[:, L] = True  # the new slot (advance() below marks it too)
+    mask = cache.valid[:, None, None, :L + 1] if cache.padded else None  # (B, 1, 1, S); None: every slot is real
+    run = scripted_decode_blocks() if scripted and not torch.is_autocast_enabled(x.device.type) else None
+    k, v = cache.active_kv()
+    x = (run or decode_blocks)(x, cos, sin, mask, k, v, L, w.qkv, w.o, w.gate_up, w.down, w.input_norm,
+                               w.post_norm, w.n_head, w.n_kv_head, w.eps)
+    cache.advance(None, 1)
+    return linear(rms_norm(x, w.norm, w.eps), w.head)  # (B, V)
