@@ -185,11 +185,17 @@ class Engine:
 
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)  # (S,)
         active = torch.ones(B, dtype=torch.bool, device=device)  # (B,) rows still generating
-        cache, logits = start(model, prompts, P + max_new_tokens, pad, device)  # (B, V)
-        rows = torch.arange(B, device=device)  # (n,) the batch row each cache row holds
+        # cache rows hold the prompts longest first, so that decode steps attend by runs of rows of similar length
+        # and skip the short ones' left padding (KVCache.segments)
+        order = sorted(range(B), key=lambda i: -len(prompts[i]))
+        cache, logits = start(model, [prompts[i] for i in order], P + max_new_tokens, pad, device)  # (B, V)
+        if hasattr(cache, "split_attention"):
+            cache.split_attention = True
+        rows = torch.tensor(order, device=device)  # (n,) the batch row each cache row holds
+        in_order = order == list(range(B))
         for step in range(max_new_tokens):
             # one uniform per batch row and step, whichever rows are left: the draws do not depend on compaction
-            whole = len(rows) == B  # no row has left the batch yet
+            whole = in_order and len(rows) == B  # cache row i holds batch row i
             u = uniforms(B, generator, device) if temperature > 0 else None  # (B, 1)
             if u is not None and not whole:
                 u = u[rows]  # (n, 1)
@@ -206,7 +212,7 @@ class Engine:
                 kept = active[rows].nonzero().squeeze(1)  # (alive,) cache rows still generating
                 cache.keep(kept)  # finished rows leave the batch: later steps compute only the others
                 rows = rows[kept]
-            if len(rows) < B:
+            if not (in_order and len(rows) == B):
                 nxt, still = nxt[rows], active[rows]  # (n,) the rows the cache holds
             else:
                 still = active

@@ -378,3 +378,41 @@ def test_prepacked_weights_are_kept_between_generations_until_the_weights_change
         frozen = make_gpt(n_embd=PACK_MIN_WIDTH, n_head=4, n_kv_head=2, std=0.05)
     assert Engine(frozen).generate([p], 6, temperature=0.0).tokens[0] == naive_greedy(frozen, p, 6)
     assert frozen.model not in _KEPT
+
+
+def test_attention_segments_skip_left_padding_where_a_call_pays():
+    """Rows whose real tokens start at slots ``first`` split into runs that attend from their earliest slot: a run
+    pays for itself when the padding slots it skips exceed one more call's cost."""
+    from chatforge.model.inference import attention_segments
+
+    assert attention_segments([0, 0, 0]) == ([0, 3], [0])
+    assert attention_segments([0, 50, 50, 50], call_cost=96) == ([0, 1, 4], [0, 50])  # skips 150 > 96
+    assert attention_segments([0, 50, 50, 50], call_cost=200) == ([0, 4], [0])  # 150 < 200: one call
+    assert attention_segments([0, 30, 40, 90, 90], call_cost=50) == ([0, 1, 3, 5], [0, 30, 90])
+    assert attention_segments([7]) == ([0, 1], [7])
+
+
+def test_decode_by_segments_equals_attending_to_every_slot(monkeypatch):
+    """The engine orders rows longest prompt first and attends by runs of rows (KVCache.segments): tokens and
+    log-probs equal those of one attention call over every slot, on prompts of very different lengths, with rows
+    leaving the batch as they stop."""
+    from chatforge.model.inference import KVCache
+
+    m = make_gpt()
+    torch.manual_seed(2)
+    ps = [torch.randint(2, V, (n,)).tolist() for n in (3, 40, 5, 38, 2, 20)]
+    kw = dict(temperature=1.0, stop_ids=list(range(2, V, 9)), pad_id=PAD, return_logprobs=True)
+    segmented = Engine(m).generate(ps, 12, generator=torch.Generator().manual_seed(1), **kw)
+    calls = []
+    real = KVCache.segments
+
+    def one_call(self):
+        calls.append(real(self))
+        return [0, self.k.shape[1]], [0]
+    monkeypatch.setattr(KVCache, "segments", one_call)
+    whole = Engine(m).generate(ps, 12, generator=torch.Generator().manual_seed(1), **kw)
+    assert any(len(starts) > 1 for _, starts in calls)  # the batch did split
+    assert segmented.tokens == whole.tokens and segmented.finished == whole.finished
+    for a, b in zip(segmented.logprobs, whole.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    assert any(not f for f in whole.finished) and any(whole.finished)  # some rows stopped, some ran on

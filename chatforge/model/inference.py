@@ -7,6 +7,7 @@ modules' own weights (training, LoRA, FSDP), else the :class:`InferenceWeights` 
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import NamedTuple, Optional, Sequence
@@ -47,6 +48,10 @@ class KVCache:
         """True once a padding slot is stored: decode steps then need the validity mask."""
         self.fused: Optional[InferenceWeights] = None
         """The weights arranged for generation (see :func:`inference_weights`); None = the modules' own."""
+        self.split_attention = False
+        """Whether decode steps attend by :meth:`segments` of rows (the engine turns it on: it orders a batch's rows
+        longest prompt first)."""
+        self._segments: Optional[tuple[list[int], list[int]]] = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v (B, Hkv, T, hd) at slots [length, length+T) of ``layer``;
@@ -56,6 +61,18 @@ class KVCache:
         ks.narrow(2, L, T).copy_(k)
         vs.narrow(2, L, T).copy_(v)
         return ks.narrow(2, 0, L + T), vs.narrow(2, 0, L + T)
+
+    def segments(self) -> tuple[list[int], list[int]]:
+        """Row bounds [0, ..., B] and each segment's first slot: decode attends for each run of rows only to the
+        slots from the first one holding a real token of any of them, so short prompts' left padding is not read
+        at every step (:func:`attention_segments`). One segment of every slot when ``split_attention`` is off or
+        nothing is padded."""
+        if not (self.split_attention and self.padded):
+            return [0, self.k.shape[1]], [0]
+        if self._segments is None:
+            first = self.valid[:, :self.length].to(torch.uint8).argmax(1).tolist()  # (B,) each row's first real slot
+            self._segments = attention_segments(first)
+        return self._segments
 
     def active_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every layer and row, (n_layer, B, n_kv_head, max_len, hd) each."""
@@ -81,12 +98,14 @@ class KVCache:
         self.next_pos[r] = src.next_pos
         self.length = end
         self.padded = self.padded or src.padded or T < end
+        self._segments = None
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only cache rows ``rows`` (n,), in that order (rows that finished generating leave the batch)."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
         self.k_layers, self.v_layers = layer_views(self.k), layer_views(self.v)
         self.valid, self.next_pos = self.valid.index_select(0, rows), self.next_pos.index_select(0, rows)
+        self._segments = None
 
     def advance(self, mask: Optional[torch.Tensor], T: int) -> None:
         """After all layers ran on T new tokens with (B, T) validity ``mask`` (None: all real): mark them stored."""
@@ -97,7 +116,36 @@ class KVCache:
             self.valid[:, self.length:self.length + T] = mask
             self.next_pos += mask.long().sum(1)
             self.padded = self.padded or not bool(mask.all())
+            self._segments = None
         self.length += T
+
+
+ATTENTION_CALL_ROWS_X_SLOTS = 96
+"""What one more attention call per layer costs in a decode step, in (row, slot) pairs read: ~15 us on the 2-core
+AMD EPYC of benchmarks/RESULTS.md, where a decode step's attention reads ~6 pairs per us per layer (~11M
+parameters, 6 heads of 64)."""
+
+
+def attention_segments(first: Sequence[int], call_cost: float = ATTENTION_CALL_ROWS_X_SLOTS
+                       ) -> tuple[list[int], list[int]]:
+    """Split rows, whose real tokens start at slots ``first`` (B,), into runs of consecutive rows, each attending
+    from its earliest first slot: the runs minimise the padding slots read plus ``call_cost`` per run (dynamic
+    programming; the slots after the first ones are read by any split alike). Rows ordered longest prompt first
+    (earliest first slot first) gain the most. -> (row bounds [0, ..., B], each run's first slot)."""
+    n = len(first)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for b in range(1, n + 1):  # best[b]: cost of rows [0, b); a run [a, b) skips its rows' slots before min(first)
+        lo = math.inf
+        for a in range(b - 1, -1, -1):
+            lo = min(lo, first[a])
+            cost = best[a] + call_cost - (b - a) * lo
+            if cost < best[b]:
+                best[b], cut[b] = cost, a
+    bounds = [n]
+    while bounds[-1] > 0:
+        bounds.append(cut[bounds[-1]])
+    bounds = bounds[::-1]
+    return bounds, [min(first[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 class InferenceWeights(NamedTuple):
@@ -242,12 +290,13 @@ def decode_blocks(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: O
                   k_cache: torch.Tensor, v_cache: torch.Tensor, length: int, qkv: list[torch.Tensor],
                   o: list[torch.Tensor], gate_up: list[torch.Tensor], down: list[torch.Tensor],
                   input_norm: list[torch.Tensor], post_norm: list[torch.Tensor], n_head: int, n_kv_head: int,
-                  eps: float) -> torch.Tensor:
+                  eps: float, bounds: list[int], starts: list[int]) -> torch.Tensor:
     """The blocks of one decode step: x (B, C) the new tokens' embeddings -> their hidden states (B, C), each
     block's key and value written to slot ``length`` of k_cache, v_cache (n_layer, B, Hkv, max_len, hd).
 
     cos, sin (B, 1, hd): the rows' rotary angles; mask (B, 1, 1, length + 1) bool (True = may attend) or None
-    (every slot holds a real token). Written for TorchScript as well as Python (:func:`decode_step` runs it scripted
+    (every slot holds a real token); rows [bounds[j], bounds[j + 1]) attend to slots from starts[j] on
+    (:meth:`KVCache.segments`). Written for TorchScript as well as Python (:func:`decode_step` runs it scripted
     where it can: the same operations without the interpreter's cost per operation)."""
     B, H, Hkv = x.shape[0], n_head, n_kv_head
     hd = cos.shape[-1]
@@ -257,11 +306,16 @@ def decode_blocks(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: O
         k_layer, v_layer = k_cache[i], v_cache[i]  # (B, Hkv, max_len, hd)
         k_layer[:, :, length] = qk[:, H:]
         v_layer[:, :, length] = h[:, H + Hkv:]
-        k, v = k_layer[:, :, :length + 1], v_layer[:, :, :length + 1]  # (B, Hkv, S, hd)
         q = qk[:, :H].unsqueeze(2)  # (B, H, 1, hd)
-        if k.dtype != q.dtype:  # the cache may be fp32 under autocast
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, 1, hd)
+        ys: list[torch.Tensor] = []
+        for j in range(len(starts)):  # a run of rows attends to the slots from its first real token on
+            a, b, s = bounds[j], bounds[j + 1], starts[j]
+            k, v = k_layer[a:b, :, s:length + 1], v_layer[a:b, :, s:length + 1]  # (b - a, Hkv, S, hd)
+            if k.dtype != q.dtype:  # the cache may be fp32 under autocast
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            m = mask[a:b, :, :, s:] if mask is not None else None
+            ys.append(F.scaled_dot_product_attention(q[a:b], k, v, attn_mask=m, enable_gqa=Hkv != H))
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (B, H, 1, hd)
         x = x + linear(y.reshape(B, H * hd), o[i])  # (B, C)
         gate, up = linear(rms_norm(x, post_norm[i], eps), gate_up[i]).chunk(2, dim=-1)  # (B, h) each
         x = x + linear(F.silu(gate) * up, down[i])
@@ -309,7 +363,8 @@ def decode_step(w: InferenceWeights, ids: torch.Tensor, cache, scripted: bool = 
     mask = cache.valid[:, None, None, :L + 1] if cache.padded else None  # (B, 1, 1, S); None: every slot is real
     run = scripted_decode_blocks() if scripted and not torch.is_autocast_enabled(x.device.type) else None
     k, v = cache.active_kv()
+    bounds, starts = cache.segments() if hasattr(cache, "segments") else ([0, ids.shape[0]], [0])
     x = (run or decode_blocks)(x, cos, sin, mask, k, v, L, w.qkv, w.o, w.gate_up, w.down, w.input_norm,
-                               w.post_norm, w.n_head, w.n_kv_head, w.eps)
+                               w.post_norm, w.n_head, w.n_kv_head, w.eps, bounds, starts)
     cache.advance(None, 1)
     return linear(rms_norm(x, w.norm, w.eps), w.head)  # (B, V)
