@@ -90,7 +90,7 @@ def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None, u: Op
     :func:`uniforms` from ``generator``)."""
     if u is None:
         u = uniforms(probs.shape[0], generator, probs.device)
-    cdf = probs.to(torch.float64).cumsum(-1)  # (B, V), fp64 so a large vocabulary sums without drift
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V), fp64 so a large vocabulary sums without drift
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -163,7 +163,8 @@ class Engine:
     def _steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
                top_k: Optional[int], top_p: Optional[float], stop_ids: Sequence[int], pad_id: Optional[int],
                generator: Optional[torch.Generator]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (next ids (B,), log-probs (B,), active (B,) bool = row had not stopped before this token)."""
+        """Yield, per step, for the n rows the cache holds: (the batch row of each, as a list; next ids (n,);
+        log-probs (n,); active (n,) bool = the row had not stopped before this token)."""
         if len(prompts) == 0:
             return
         if any(len(p) == 0 for p in prompts):
@@ -184,40 +185,39 @@ class Engine:
         pad = 0 if pad_id is None else pad_id
 
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)  # (S,)
-        active = torch.ones(B, dtype=torch.bool, device=device)  # (B,) rows still generating
         # cache rows hold the prompts longest first, so that decode steps attend by runs of rows of similar length
         # and skip the short ones' left padding (KVCache.segments)
         order = sorted(range(B), key=lambda i: -len(prompts[i]))
         cache, logits = start(model, [prompts[i] for i in order], P + max_new_tokens, pad, device)  # (B, V)
         if hasattr(cache, "split_attention"):
             cache.split_attention = True
-        rows = torch.tensor(order, device=device)  # (n,) the batch row each cache row holds
-        in_order = order == list(range(B))
+        rows_l = order  # the batch row each cache row holds
+        rows = torch.tensor(order, device=device)  # (n,) the same
+        identity = order == list(range(B))
+        active = torch.ones(B, dtype=torch.bool, device=device)  # (n,) cache rows still generating
         for step in range(max_new_tokens):
-            # one uniform per batch row and step, whichever rows are left: the draws do not depend on compaction
-            whole = in_order and len(rows) == B  # cache row i holds batch row i
+            # one uniform per batch row and step, whichever rows are left: the draws do not depend on the order
+            # of the cache rows nor on compaction
             u = uniforms(B, generator, device) if temperature > 0 else None  # (B, 1)
-            if u is not None and not whole:
+            if u is not None and not identity:
                 u = u[rows]  # (n, 1)
             nxt, logp = sample_next(logits, temperature, top_k, top_p, u=u)  # (n,), (n,)
-            if not whole:  # (n,) -> (B,): rows that left get pad
-                nxt = torch.full((B,), pad, dtype=torch.long, device=device).index_copy_(0, rows, nxt)
-                logp = torch.zeros(B, device=device).index_copy_(0, rows, logp)
-            yield nxt, logp, active.clone()
-            active &= ~torch.isin(nxt, stop)
-            alive = int(active.sum())
-            if step == max_new_tokens - 1 or alive == 0:
+            yield rows_l, nxt, logp, active
+            if step == max_new_tokens - 1:
                 break
-            if hasattr(cache, "keep") and len(rows) - alive >= max(1, len(rows) // 4):
-                kept = active[rows].nonzero().squeeze(1)  # (alive,) cache rows still generating
-                cache.keep(kept)  # finished rows leave the batch: later steps compute only the others
-                rows = rows[kept]
-            if not (in_order and len(rows) == B):
-                nxt, still = nxt[rows], active[rows]  # (n,) the rows the cache holds
-            else:
-                still = active
-            feed = torch.where(still, nxt, pad)  # (n,) stopped rows still in the cache feed pad
-            logits = model(feed[:, None], cache=cache, last_only=True)[:, -1, :]  # (n, V)
+            if len(stop):
+                active = active & ~torch.isin(nxt, stop)  # (n,) a new tensor: the one yielded stays as it was
+                alive = int(active.sum())
+                if alive == 0:
+                    break
+                if hasattr(cache, "keep") and len(rows_l) - alive >= max(1, len(rows_l) // 4):
+                    kept = active.nonzero().squeeze(1)  # (alive,) cache rows still generating
+                    cache.keep(kept)  # finished rows leave the batch: later steps compute only the others
+                    rows, nxt, active = rows[kept], nxt[kept], active[kept]
+                    rows_l = [rows_l[i] for i in kept.tolist()]
+                    identity = False
+                nxt = torch.where(active, nxt, pad)  # (n,) stopped rows still in the cache feed pad
+            logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1, :]  # (n, V)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
@@ -234,14 +234,13 @@ class Engine:
         logprobs: list[list[float]] = [[] for _ in range(B)]
         finished = [False] * B
         stop = set(stop_ids)
-        for nxt, logp, active in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                                             pad_id, generator):
-            nxt_l, logp_l, active_l = nxt.tolist(), logp.tolist(), active.tolist()
-            for i in range(B):
-                if active_l[i]:
-                    tokens[i].append(nxt_l[i])
-                    logprobs[i].append(logp_l[i])
-                    finished[i] = nxt_l[i] in stop
+        for rows, nxt, logp, active in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                                                   pad_id, generator):
+            for i, t, lp, a in zip(rows, nxt.tolist(), logp.tolist(), active.tolist()):
+                if a:
+                    tokens[i].append(t)
+                    logprobs[i].append(lp)
+                    finished[i] = t in stop
         return GenerationResult(tokens=tokens, finished=finished, logprobs=logprobs if return_logprobs else None)
 
     @torch.inference_mode()
@@ -249,6 +248,6 @@ class Engine:
                top_k: Optional[int] = None, top_p: Optional[float] = None, stop_ids: Sequence[int] = (),
                generator: Optional[torch.Generator] = None) -> Iterator[int]:
         """Yield the new token ids of one prompt as they are produced (the final stop id included)."""
-        for nxt, _, _ in self._steps([prompt_ids], max_new_tokens, temperature, top_k, top_p, stop_ids,
-                                     None, generator):
+        for _, nxt, _, _ in self._steps([prompt_ids], max_new_tokens, temperature, top_k, top_p, stop_ids,
+                                        None, generator):
             yield int(nxt[0])
