@@ -9,9 +9,10 @@ logits (B, T, V) (the last position's only, (B, 1, V), with ``last_only``) and t
 ``make_cache(batch_size, max_len, device, dtype)`` (e.g. GPT). Where the cache can also prefill rows
 apart and copy or drop rows (``sub``/``insert``/``keep``: the native model's :class:`KVCache`), the
 engine does less work for the same tokens: a prompt given several times is prefilled once; prompts of
-very different lengths are prefilled in length groups (no compute on the short ones' padding); rows
-that have stopped leave the batch. The random draws are one uniform per batch row and step, whatever
-the batch holds, so these change no sample.
+very different lengths are prefilled in length groups (no compute on the short ones' padding) and the
+cache holds them longest first, so that decode steps attend by runs of rows that skip the short ones'
+left padding; rows that have stopped leave the batch. The random draws are one uniform per batch row and
+step, whatever the batch holds and in whichever order, so these change no sample.
 
 Sampling: logits / temperature, then optional top-k and top-p (nucleus) filtering, then a draw
 from the softmax with the given ``torch.Generator`` (reproducible). temperature == 0 is greedy.

@@ -343,11 +343,13 @@ def scripted_decode_blocks():
 def decode_step(w: InferenceWeights, ids: torch.Tensor, cache, scripted: bool = True) -> torch.Tensor:
     """One decode step of the native model on its arranged weights: ids (B,), one new token per row ->
     logits (B, V) of the token after it; the cache (a :class:`KVCache`, or anything with its ``valid``,
-    ``next_pos``, ``length``, ``padded``, ``active_kv`` and ``advance``) gains the slot.
+    ``next_pos``, ``length``, ``padded``, ``active_kv`` and ``advance``; ``segments`` optional) gains the slot.
 
     The operations of ``GPT.forward(ids[:, None], cache=cache)`` in the same order on the same numbers (tests
     compare them bit for bit), with no module calls, the rotary angles read from a table, and the blocks run by
     TorchScript (``scripted``, not under autocast): a decode step at batch 1 costs mostly its operations' dispatch.
+    Where the cache splits attention (:meth:`KVCache.segments`), each run of rows reads only the slots from its
+    first real token on (the same numbers up to rounding: fewer masked keys in the softmax's blocks).
     """
     x = F.embedding(ids, w.embed)  # (B, C)
     pos = cache.next_pos  # (B,)
