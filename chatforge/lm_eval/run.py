@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from chatforge.errors import UserInputError
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 RESULTS_FILE = "lm_eval.json"
 
@@ -51,7 +53,7 @@ def evaluate_model(model_dir: str | Path, tasks: Sequence[str], *, include_paths
     tm = task_manager(tasks, include_paths)
     missing = [t for t in tasks if t not in tm.all_tasks]
     if missing:
-        raise ValueError(f"unknown lm-eval task(s): {', '.join(missing)}; chatforge's own: "
+        raise UserInputError(f"unknown lm-eval task(s): {', '.join(missing)}; chatforge's own: "
                          f"{', '.join(sorted(p.stem for p in TASKS_DIR.glob('*.yaml')))}; add folders of task "
                          f"YAMLs with --include-path")
     lm = ChatforgeLM(str(model_dir), device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)

@@ -252,9 +252,10 @@ _KEPT: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceWeights]]" = 
 def weights_key(model: nn.Module) -> Optional[tuple]:
     """What must be unchanged for arranged weights to still be the model's: each parameter's storage and version
     counter (load_state_dict and in-place edits bump it), and whether autocast is on (no prepacking under it).
-    None where a parameter has no version counter (made under ``torch.inference_mode``): nothing can be kept."""
+    None where a parameter has no version counter (made under ``torch.inference_mode``) or is not a plain tensor
+    (FSDP's DTensor): nothing can be kept."""
     params = list(model.parameters())
-    if any(q.is_inference() for q in params):
+    if any(type(q) not in (torch.Tensor, nn.Parameter) or q.is_inference() for q in params):
         return None
     autocast = torch.is_autocast_enabled(params[0].device.type)
     return (autocast,) + tuple((q.data_ptr(), q._version) for q in params)
@@ -267,16 +268,20 @@ def generation_weights(model: nn.Module) -> Optional[InferenceWeights]:
     :func:`forget_generation_weights`: torch's fused AdamW writes parameters without bumping their version
     counters). The kept copy costs one more copy of the weights in memory while the model lives and is not
     training; plain (unpacked) arrangements are made per generation (a concatenation: cheap)."""
+    head = model.lm_head.weight
+    if not packs_weights(model.cfg.n_embd, head.device, head.dtype):  # a plain arrangement: made per generation
+        _KEPT.pop(model.model, None)
+        return inference_weights(model)
     key = weights_key(model)
     kept = _KEPT.get(model.model)
     if key is not None and kept is not None and kept[0] == key:
         return kept[1]
-    w = inference_weights(model)
-    if key is not None and w is not None and w.head.is_mkldnn:
-        _KEPT[model.model] = (key, w)
+    arranged = inference_weights(model)
+    if key is not None and arranged is not None and arranged.head.is_mkldnn:
+        _KEPT[model.model] = (key, arranged)
     else:
         _KEPT.pop(model.model, None)
-    return w
+    return arranged
 
 
 def forget_generation_weights(trunk: nn.Module) -> None:
