@@ -4,6 +4,8 @@
 # `torchrun -m chatforge pretrain --dist.strategy=fsdp` (FSDP2) -- and ddp -- on every GPU of the
 # machine, writing a Hugging Face directory that transformers loads. On a one-GPU machine the
 # FSDP check runs 2 processes on the same GPU over gloo (informative only; it cannot fail the script).
+# Last, where pytest is installed, the engine's tests on the GPU (the flat, scripted decode step against the
+# modules' forward, fp32 and bf16).
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root
 #   STEPS=300 CORPUS_MB=10 WHEELS=.whl bash benchmarks/gpu_check.sh
@@ -156,6 +158,17 @@ else
   else
     STATUS[fsdp_1gpu_gloo]="FAIL (informative only: 2 processes on one GPU are not a supported layout)"
   fi
+fi
+
+section "generation on the GPU: the flat, scripted decode step against the modules (tests/test_engine.py)"
+if "$PY" -c "import pytest" 2>/dev/null; then
+  if "$PY" -m pytest -q -p no:cacheprovider tests/test_engine.py -k "on_cuda or bit_for_bit or kept or segments"; then
+    STATUS[decode]=PASS
+  else
+    STATUS[decode]=FAIL
+  fi
+else
+  echo "pytest is not installed here: skipped"
 fi
 
 section "summary"

@@ -33,9 +33,9 @@ def prompts():
 @torch.no_grad()
 def naive_greedy(m, prompt, n):
     """Reference: a full forward over the whole sequence for every new token."""
-    seq = list(prompt)
+    seq, device = list(prompt), next(m.parameters()).device
     for _ in range(n):
-        seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+        seq.append(int(m(torch.tensor([seq], device=device))[0, -1].argmax()))
     return seq[len(prompt):]
 
 
@@ -416,3 +416,29 @@ def test_decode_by_segments_equals_attending_to_every_slot(monkeypatch):
     for a, b in zip(segmented.logprobs, whole.logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     assert any(not f for f in whole.finished) and any(whole.finished)  # some rows stopped, some ran on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it there)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_decode_step_on_cuda_equals_the_modules(dtype):
+    """On a GPU the decode step runs the same flat, scripted blocks (no prepacking there): its logits match the
+    modules' forward on the same cache, and greedy generation equals the naive loop, in fp32 and in bf16 weights."""
+    from chatforge.engine import left_padded
+    from chatforge.model.inference import linear
+
+    m = make_gpt(n_embd=64, n_head=4, n_kv_head=2, std=0.05).to("cuda", dtype)
+    idx, mask = left_padded(prompts(), PAD, "cuda")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        flat, modules = m.make_cache(4, 20, "cuda", dtype), m.make_cache(4, 20, "cuda", dtype)
+        nxt = m(idx, attention_mask=mask, cache=flat, last_only=True)[:, -1].argmax(-1)
+        m(idx, attention_mask=mask, cache=modules, last_only=True)
+        for _ in range(5):
+            a = m(nxt[:, None], cache=flat, last_only=True)[:, -1]
+            b = linear(m.model(nxt[:, None], cache=modules)[:, -1:], modules.fused.head)[:, -1]
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+            nxt = b.argmax(-1)
+    if dtype == torch.float32:
+        res = Engine(m).generate(prompts(), 8, temperature=0.0, pad_id=PAD)
+        for p, toks in zip(prompts(), res.tokens):
+            assert toks == naive_greedy(m, p, 8)
