@@ -163,7 +163,8 @@ class Engine:
 
     def _steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
                top_k: Optional[int], top_p: Optional[float], stop_ids: Sequence[int], pad_id: Optional[int],
-               generator: Optional[torch.Generator]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+               generator: Optional[torch.Generator]
+               ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield, per step, for the n rows the cache holds: (the batch row of each, as a list; next ids (n,);
         log-probs (n,); active (n,) bool = the row had not stopped before this token)."""
         if len(prompts) == 0:
