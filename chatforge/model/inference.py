@@ -121,31 +121,41 @@ class KVCache:
 
 
 ATTENTION_CALL_ROWS_X_SLOTS = 96
-"""What one more attention call per layer costs in a decode step, in (row, slot) pairs read: ~15 us on the 2-core
-AMD EPYC of benchmarks/RESULTS.md, where a decode step's attention reads ~6 pairs per us per layer (~11M
-parameters, 6 heads of 64)."""
+"""What one more attention call per layer costs in a decode step, in (row, slot) pairs read: estimated from a
+profile on the 2-core AMD EPYC of benchmarks/RESULTS.md (third pass), where a decode step's attention reads ~5-6
+pairs per us per layer at ~11M parameters (6 heads of 64) and a call costs ~15 us more."""
 
 
 def attention_segments(first: Sequence[int], call_cost: float = ATTENTION_CALL_ROWS_X_SLOTS
                        ) -> tuple[list[int], list[int]]:
     """Split rows, whose real tokens start at slots ``first`` (B,), into runs of consecutive rows, each attending
     from its earliest first slot: the runs minimise the padding slots read plus ``call_cost`` per run (dynamic
-    programming; the slots after the first ones are read by any split alike). Rows ordered longest prompt first
-    (earliest first slot first) gain the most. -> (row bounds [0, ..., B], each run's first slot)."""
-    n = len(first)
+    programming over the runs of equal first slots, quadratic in their number; the slots after the first ones are
+    read by any split alike). Rows ordered longest prompt first (earliest first slot first) gain the most.
+    -> (row bounds [0, ..., B], each run's first slot)."""
+    ends, values = [], []  # consecutive rows with the same first slot never need a cut between them
+    for i, f in enumerate(first):
+        if values and values[-1] == f:
+            ends[-1] = i + 1
+        else:
+            ends.append(i + 1)
+            values.append(f)
+    n = len(values)
+    starts = [0] + ends[:-1]  # row where item j begins
     best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
-    for b in range(1, n + 1):  # best[b]: cost of rows [0, b); a run [a, b) skips its rows' slots before min(first)
+    for b in range(1, n + 1):  # best[b]: cost of items [0, b); a run of items [a, b) skips slots before its min
         lo = math.inf
         for a in range(b - 1, -1, -1):
-            lo = min(lo, first[a])
-            cost = best[a] + call_cost - (b - a) * lo
+            lo = min(lo, values[a])
+            cost = best[a] + call_cost - (ends[b - 1] - starts[a]) * lo
             if cost < best[b]:
                 best[b], cut[b] = cost, a
-    bounds = [n]
-    while bounds[-1] > 0:
-        bounds.append(cut[bounds[-1]])
-    bounds = bounds[::-1]
-    return bounds, [min(first[a:b]) for a, b in zip(bounds, bounds[1:])]
+    items = [n]
+    while items[-1] > 0:
+        items.append(cut[items[-1]])
+    items = items[::-1]
+    bounds = [0] + [ends[j - 1] for j in items[1:]]
+    return bounds, [min(values[a:b]) for a, b in zip(items, items[1:])]
 
 
 class InferenceWeights(NamedTuple):
