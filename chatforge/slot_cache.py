@@ -16,7 +16,7 @@ class SlotCache:
 
     Storage k, v: (n_layer, rows, n_kv_head, max_len, hd); rows [0, n) are active. Seen by the model as a
     :class:`~chatforge.model.inference.KVCache` of batch n: ``valid`` (n, max_len) bool, ``next_pos`` (n,),
-    ``length`` (slots used so far, shared), ``update``, ``advance``.
+    ``length`` (slots used so far, shared), ``update``, ``active_kv``, ``advance``.
     """
 
     def __init__(self, n_layer: int, rows: int, n_kv_head: int, max_len: int, head_dim: int, device=None,
@@ -30,7 +30,7 @@ class SlotCache:
         self.n = 0
         self.length = 0
         self.padded = True  # rows joined at different lengths: decode steps read the validity mask
-        self.fused = None  # the model's weights arranged for generation (model.inference.inference_weights), set by the scheduler
+        self.fused = None  # the weights arranged for generation (model.inference.inference_weights): the scheduler's
 
     @property
     def valid(self) -> torch.Tensor:

@@ -54,8 +54,8 @@ def evaluate_model(model_dir: str | Path, tasks: Sequence[str], *, include_paths
     missing = [t for t in tasks if t not in tm.all_tasks]
     if missing:
         raise UserInputError(f"unknown lm-eval task(s): {', '.join(missing)}; chatforge's own: "
-                         f"{', '.join(sorted(p.stem for p in TASKS_DIR.glob('*.yaml')))}; add folders of task "
-                         f"YAMLs with --include-path")
+                             f"{', '.join(sorted(p.stem for p in TASKS_DIR.glob('*.yaml')))}; add folders of task "
+                             f"YAMLs with --include-path")
     lm = ChatforgeLM(str(model_dir), device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
     res = simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
                           apply_chat_template=apply_chat_template, log_samples=False, random_seed=seed,

@@ -24,7 +24,6 @@ def layer_views(x: torch.Tensor) -> list[torch.Tensor]:
     return [x[i] for i in range(x.shape[0])]
 
 
-
 class KVCache:
     """Preallocated keys/values of every layer for incremental decoding.
 
@@ -261,14 +260,12 @@ _KEPT: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceWeights]]" = 
 
 def weights_key(model: nn.Module) -> Optional[tuple]:
     """What must be unchanged for arranged weights to still be the model's: each parameter's storage and version
-    counter (load_state_dict and in-place edits bump it), and whether autocast is on (no prepacking under it).
-    None where a parameter has no version counter (made under ``torch.inference_mode``) or is not a plain tensor
-    (FSDP's DTensor): nothing can be kept."""
+    counter (load_state_dict and in-place edits bump it). None where a parameter has no version counter (made
+    under ``torch.inference_mode``) or is not a plain tensor (FSDP's DTensor): nothing can be kept."""
     params = list(model.parameters())
     if any(type(q) not in (torch.Tensor, nn.Parameter) or q.is_inference() for q in params):
         return None
-    autocast = torch.is_autocast_enabled(params[0].device.type)
-    return (autocast,) + tuple((q.data_ptr(), q._version) for q in params)
+    return tuple((q.data_ptr(), q._version) for q in params)
 
 
 def generation_weights(model: nn.Module) -> Optional[InferenceWeights]:
@@ -279,15 +276,12 @@ def generation_weights(model: nn.Module) -> Optional[InferenceWeights]:
     counters). The kept copy costs one more copy of the weights in memory while the model lives and is not
     training; plain (unpacked) arrangements are made per generation (a concatenation: cheap)."""
     head = model.lm_head.weight
-    if not packs_weights(model.cfg.n_embd, head.device, head.dtype):  # a plain arrangement: made per generation
-        _KEPT.pop(model.model, None)
-        return inference_weights(model)
-    key = weights_key(model)
+    key = weights_key(model) if packs_weights(model.cfg.n_embd, head.device, head.dtype) else None  # None: no keeping
     kept = _KEPT.get(model.model)
     if key is not None and kept is not None and kept[0] == key:
         return kept[1]
     arranged = inference_weights(model)
-    if key is not None and arranged is not None and arranged.head.is_mkldnn:
+    if key is not None and arranged is not None:
         _KEPT[model.model] = (key, arranged)
     else:
         _KEPT.pop(model.model, None)
@@ -297,8 +291,7 @@ def generation_weights(model: nn.Module) -> Optional[InferenceWeights]:
 def forget_generation_weights(trunk: nn.Module) -> None:
     """Drop the arranged weights kept for ``trunk`` (its forward with autograd on calls this: the weights may be
     about to change, and training should not hold a second copy)."""
-    if trunk in _KEPT:
-        del _KEPT[trunk]
+    _KEPT.pop(trunk, None)
 
 
 def decode_blocks(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
@@ -369,9 +362,7 @@ def decode_step(w: InferenceWeights, ids: torch.Tensor, cache, scripted: bool = 
     x = F.embedding(ids, w.embed)  # (B, C)
     pos = cache.next_pos  # (B,)
     if cache.max_len <= w.rope_cos.shape[0]:  # every position the cache can hold is in the table
-        cos, sin = w.rope_cos[pos].unsqueeze(1), w.rope_sin[pos].unsqueeze(1)  # (B, 1, hd)
-        if cos.dtype != x.dtype:
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = w.rope_cos[pos].unsqueeze(1), w.rope_sin[pos].unsqueeze(1)  # (B, 1, hd), x's dtype (embed's)
     else:  # a cache longer than the context (a server's): compute them, as the modules do
         cos, sin = rope_cos_sin(pos[:, None], w.rope_cos.shape[1], w.rope_theta, x.dtype)  # (B, 1, 1, hd)
         cos, sin = cos[:, 0], sin[:, 0]  # (B, 1, hd)

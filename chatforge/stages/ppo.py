@@ -144,7 +144,7 @@ def run(cfg: Config, out: str | Path) -> dict:
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
                                   generator=gen, micro_step=micro_step, summarise=summarise,
-                                  overhead=call_overhead_tokens(info.device, sharded=D.is_fsdp(trainer.models["actor"])))
+                                  overhead=call_overhead_tokens(info.device, sharded=D.is_fsdp(actor_net)))
         kl_ctl.update(kl_sum / n, int(n))
         log_samples(trainer, step, r, rl.sample_every)
         return {"loss": stats["policy_loss"] + rl.vf_coef * stats["value_loss"], **rollout_metrics(r),
