@@ -13,6 +13,7 @@ killed at a wall-clock limit, and every test carries a pytest timeout.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -295,6 +296,10 @@ def test_fsdp_every_stage(world, refs):
         if have(stage):
             jobs.append(dict(name=stage, stage=stage, out=str(w / stage), config=str(MICRO),
                              overrides=rl_overrides(stage, world, base) + ["dist.strategy=fsdp"]))
+    if have("ppo"):  # one minibatch of every row: the old log-probs and values from the update's first forward
+        jobs.append(dict(name="ppo_one_minibatch", stage="ppo", out=str(w / "ppo_one_minibatch"), config=str(MICRO),
+                         overrides=rl_overrides("ppo", world, base) + ["dist.strategy=fsdp", "rl.minibatches=1",
+                                                                       "train.batch_size=4"]))
     w.mkdir(parents=True, exist_ok=True)
     (w / "plan.json").write_text(json.dumps({"timeout_s": PG_TIMEOUT_S, "report": str(w / "report.json"),
                                              "jobs": jobs}, indent=1))
@@ -303,5 +308,9 @@ def test_fsdp_every_stage(world, refs):
     for j in jobs:
         out = Path(j["out"])
         assert (out / "model.safetensors").is_file(), j["name"]
+        if j["name"] == "ppo_one_minibatch":
+            rows = train_rows(out)
+            assert len(rows) == RL_STEPS and all("logp_s" not in r and "value_s" not in r for r in rows), rows
+            assert all(math.isfinite(r["loss"]) and math.isfinite(r["explained_variance"]) for r in rows), rows
         if j["name"] in refs:
             assert_close(losses_of(out), losses_of(refs[j["name"]]), f"fsdp {j['name']} loss")

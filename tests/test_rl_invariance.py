@@ -116,3 +116,37 @@ def test_grpo_old_logprobs_from_the_update_equal_a_rollout_pass(monkeypatch, tmp
     assert all(r["clipfrac"] == 0.0 and r["approx_kl"] == 0.0 for r in a)  # ratio exactly 1
     for key in ("loss", "policy_loss", "kl_loss", "kl", "reward", "entropy", "grad_norm"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("overhead", [None, 0.0])
+def test_ppo_old_logprobs_and_values_from_the_update_equal_rollout_passes(monkeypatch, tmp_path, world, overhead):
+    """When the update's first optimizer step reads the whole rollout (one minibatch of at most train.batch_size
+    rows), its own forward gives the old log-probs and values; every optimizer step's gradients (two epochs) and
+    the logged numbers equal those of a run that computes them in rollout passes. ``overhead`` 0: the step's rows
+    in several length-sorted chunks, whose graphs are all kept until the advantages exist."""
+    from chatforge.stages import ppo
+
+    if overhead is not None:
+        monkeypatch.setattr(ppo, "call_overhead_tokens", lambda *a, **k: overhead)
+
+    def make_cfg():
+        return load_config("ppo", MICRO, rl_overrides(world, 2, "rl.prompts_per_step=6", "rl.minibatches=1",
+                                                      "rl.ppo_epochs=2", "rl.kl_coef=0.2",
+                                                      "rl.missing_eos_penalty=null", "train.device=cpu",
+                                                      "train.batch_size=8"))
+
+    real = ppo.first_step_reads_rollout
+    assert real(make_cfg().rl, 6, 8, 1, 0.0) and not real(make_cfg().rl, 6, 4, 1, 0.0)
+    assert not real(make_cfg().rl, 6, 8, 2, 0.0) and real(make_cfg().rl, 6, 8, 2, ppo.FEWEST_CHUNKS)
+    lazy = captured_grads(monkeypatch, lambda: ppo.run(make_cfg(), tmp_path / "lazy"))
+    monkeypatch.setattr(ppo, "first_step_reads_rollout", lambda *a: False)
+    eager = captured_grads(monkeypatch, lambda: ppo.run(make_cfg(), tmp_path / "eager"))
+    assert len(lazy) == 2 * 2
+    assert_same_grads(lazy, eager)
+    a, b = train_rows(tmp_path / "lazy"), train_rows(tmp_path / "eager")
+    assert any(0.0 < r["eos_fraction"] < 1.0 for r in a), "the responses must differ in length for this test"
+    assert all("logp_s" not in r and "value_s" not in r for r in a)  # the passes were skipped
+    assert all("logp_s" in r and "value_s" in r for r in b)
+    for key in ("loss", "policy_loss", "value_loss", "kl", "non_score_reward", "reward", "entropy", "approx_kl",
+                "explained_variance", "grad_norm_actor", "grad_norm_critic"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key

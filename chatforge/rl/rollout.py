@@ -231,11 +231,16 @@ def chunked(batch: RolloutBatch, rows_per_chunk: int, fn: Callable[[RolloutBatch
             overhead: float = FEWEST_CHUNKS) -> torch.Tensor:
     """fn over length-sorted chunks of at most ``rows_per_chunk`` rows (:func:`row_chunks`), padded back to (B, R)
     fp32."""
-    B, R = batch.response_mask.shape
-    out = torch.zeros((B, R), dtype=torch.float32, device=batch.input_ids.device)
-    for rows in row_chunks(batch, range(B), rows_per_chunk, overhead):
-        v = fn(batch.select(rows))  # (b, r)
-        out[rows.to(out.device), :v.shape[1]] = v.float()
+    chunks = row_chunks(batch, range(len(batch)), rows_per_chunk, overhead)
+    return by_row(batch, chunks, [fn(batch.select(rows)) for rows in chunks])
+
+
+def by_row(batch: RolloutBatch, chunks: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-chunk results (b, r) of the rows ``chunks`` (:func:`row_chunks`) -> one (B, R) fp32 tensor in the
+    batch's row order, detached, 0 past each chunk's width."""
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.input_ids.device)  # (B, R)
+    for rows, v in zip(chunks, parts):
+        out[rows.to(out.device), :v.shape[1]] = v.detach().float()
     return out
 
 

@@ -3,10 +3,10 @@
 Phases (metrics keys ``<phase>_s``):
   gen      sampling the responses with the engine (the rollout's generation)
   logp     the actor's log-probs of the sampled responses (old log-probs; none when the update's first forward
-           provides them, see chatforge/stages/grpo.py)
+           provides them, see chatforge/stages/grpo.py and ppo.py)
   ref      the frozen reference's log-probs
   reward   decoding the responses and scoring them (reward model or function)
-  value    the critic's values (PPO)
+  value    the critic's values (PPO; none when the update's first forward provides them)
   update   the update epochs (forward, backward, optimizer steps)
 What a step spends outside these (advantages, statistics, logging) is ``step_s`` minus their sum.
 

@@ -4,7 +4,7 @@ minibatch (chatforge.trainer.Trainer.accumulate: micro-batches, the global count
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -13,11 +13,13 @@ from chatforge.rl.rollout import RolloutBatch, row_chunks
 from chatforge.trainer import Trainer
 
 MicroStep = Callable[[RolloutBatch, int], tuple[torch.Tensor, float, dict]]
+FirstStep = Callable[[list[torch.Tensor]], dict]
 
 
 def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibatches: int, micro_rows: int,
                   generator: torch.Generator, micro_step: MicroStep, summarise: Callable[[dict], dict],
-                  overhead: float = FEWEST_CHUNKS, by_prompt: bool = False) -> dict[str, float]:
+                  overhead: float = FEWEST_CHUNKS, by_prompt: bool = False,
+                  first_step: Optional[FirstStep] = None) -> dict[str, float]:
     """``epochs`` passes over ``minibatches`` shuffled minibatches of this rank's rollout rows, one optimizer step
     per minibatch, micro-batches of at most ``micro_rows`` rows: length-sorted, cut where padding would cost more
     than ``overhead`` tokens per extra forward (chatforge/data/chunks.py); ``by_prompt``: rows that share a prompt
@@ -26,6 +28,9 @@ def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibat
     ``micro_step(rows, epoch)`` returns the micro-batch's ``(loss_sum, count, sums)`` (see Trainer.accumulate),
     so micro-batching and ranks leave each minibatch's gradient unchanged. ``summarise(result)`` turns one
     minibatch's global sums into means; the means are averaged over the minibatches in which they appeared.
+    ``first_step(chunks)``, when given, runs the first optimizer step instead (from the chunks' row indices) and
+    returns what ``Trainer.accumulate`` does: PPO's step that takes the old log-probs and values from its own
+    forward.
     """
     n_rows = len(batch)
     M = max(1, min(minibatches, n_rows))
@@ -33,9 +38,12 @@ def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibat
     seen: dict[str, int] = defaultdict(int)
     for epoch in range(epochs):
         perm = torch.randperm(n_rows, generator=generator)
-        for mb in perm.tensor_split(M):
-            chunks = [batch.select(rows) for rows in row_chunks(batch, mb.tolist(), micro_rows, overhead, by_prompt)]
-            res = trainer.accumulate(chunks, lambda sub: micro_step(sub, epoch))
+        for j, mb in enumerate(perm.tensor_split(M)):
+            chunks = row_chunks(batch, mb.tolist(), micro_rows, overhead, by_prompt)
+            if first_step is not None and epoch == 0 and j == 0:
+                res = first_step(chunks)
+            else:
+                res = trainer.accumulate([batch.select(rows) for rows in chunks], lambda sub: micro_step(sub, epoch))
             for k, v in summarise(res).items():
                 sums[k] += v
                 seen[k] += 1

@@ -2,7 +2,9 @@
 
 One trainer step = one rollout batch + its PPO epochs:
   1. rollout    rl.prompts_per_step prompts per rank -> responses (engine, KV cache, stop at <|end|>),
-                old log-probs (actor), reference log-probs (frozen SFT), values (critic), scores (reward)
+                old log-probs (actor), reference log-probs (frozen SFT), values (critic), scores (reward);
+                the old log-probs and values come from the update's first forward instead when that step
+                reads the whole rollout (first_step_reads_rollout: one minibatch of at most train.batch_size rows)
   2. rewards    score (normalised RM reward, clipped, + rl.missing_eos_penalty when no <|end|>) on the last
                 response token, -beta * KL(actor || ref) per token (k1 or k3); beta fixed or adaptive
   3. advantages GAE (gamma, lambda) on the critic's values, whitened with global statistics
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -25,14 +27,14 @@ from chatforge import losses
 from chatforge.config import Config, ConfigError
 from chatforge.model.load import load_scalar_model, scalar_from_causal
 from chatforge.model.lora import apply_lora
-from chatforge.data.chunks import call_overhead_tokens
+from chatforge.data.chunks import FEWEST_CHUNKS, call_overhead_tokens
 from chatforge.rl.critic import NormalisedCritic, fold_scale
 from chatforge.rl.kl_controller import make_kl_controller
 from chatforge.rl.reward import RewardModelScorer
 from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.roles import check_rl_config, disable_dropout, load_roles, print_role_memory, reward_module
-from chatforge.rl.rollout import (RolloutBatch, chunked, collect, log_samples, response_logprobs, response_values,
-                                  rollout_metrics)
+from chatforge.rl.rollout import (RolloutBatch, by_row, chunked, collect, log_samples, response_logprobs,
+                                  response_values, rollout_metrics)
 from chatforge.rl.stats import check_finite, global_masked_moments, global_sums, masked_moment_sums, moments
 from chatforge.rl.timing import PhaseTimer
 from chatforge.rl.update import update_epochs
@@ -68,16 +70,31 @@ def print_plan(rl, roles, critic: torch.nn.Module, world_size: int) -> None:
           f"{rl.reward_model or rl.reward_fn}; beta {rl.kl_coef}" + (f" -> KL target {rl.kl_target}" if rl.kl_target else ""))
 
 
-def advantages(trainer: Trainer, b: RolloutBatch, score: torch.Tensor, beta: float, rl, micro_rows: int,
-               step: int, timer: Optional[PhaseTimer] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards (the score at the last response token - beta * KL per token) -> GAE advantages (whitened over every
-    rank) and returns, stored in ``b.extra`` with the critic's values; returns (per-token KL (B, R), non-score
-    reward per row (B,))."""
-    m = b.response_mask  # (B, R)
+def first_step_reads_rollout(rl, rows: int, micro_rows: int, world_size: int, overhead: float) -> bool:
+    """Whether the update's first optimizer step reads every row of the rollout (one minibatch) in at most one
+    micro-batch's worth of rows (``rows`` <= train.batch_size). That step runs under the rollout's weights, so its
+    own forward gives the old log-probs and the values (detached) and the rollout skips those two passes
+    (``first_step`` in :func:`run`); its chunks' graphs are kept until the advantages exist: at most
+    train.batch_size rows, the memory of one micro-batch. With several processes only where every rank makes one
+    forward call (``overhead`` = FEWEST_CHUNKS: FSDP, GPUs): a DDP forward arms the gradient sync of the backward
+    that follows it, so several forwards before their backwards would sync too early."""
+    one_call = overhead >= FEWEST_CHUNKS
+    return min(rl.minibatches, rows) == 1 and rows <= micro_rows and (world_size == 1 or one_call)
+
+
+def value_pass(trainer: Trainer, b: RolloutBatch, micro_rows: int, timer: PhaseTimer) -> None:
+    """The critic's values of the rollout, (B, R) in ``b.extra["values"]`` (a no-grad pass)."""
     critic = D.unwrap(trainer.models["critic"])
-    with torch.no_grad(), trainer.autocast(), (timer or PhaseTimer()).phase("value"):
+    with torch.no_grad(), trainer.autocast(), timer.phase("value"):
         over = call_overhead_tokens(b.input_ids.device, sharded=D.is_fsdp(critic))
         b.extra["values"] = chunked(b, micro_rows, lambda s: response_values(critic, s), over)  # (B, R)
+
+
+def advantages(b: RolloutBatch, score: torch.Tensor, beta: float, rl, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (the score at the last response token - beta * KL per token) -> GAE advantages (whitened over every
+    rank) and returns, stored in ``b.extra`` next to its old log-probs, reference log-probs and values; returns
+    (per-token KL (B, R), non-score reward per row (B,))."""
+    m = b.response_mask  # (B, R)
     kl = losses.kl_penalty(b.extra["old_logp"], b.extra["ref_logp"], rl.kl_estimator) * m  # (B, R)
     rewards, non_score = losses.rlhf_rewards(score, kl, m, beta)  # (B, R), (B,)
     adv, returns = losses.gae(rewards, b.extra["values"], m, rl.gamma, rl.lam)  # (B, R) each
@@ -115,15 +132,20 @@ def run(cfg: Config, out: str | Path) -> dict:
                       lrs={"critic": rl.critic_lr or cfg.optim.lr}, state={"prompts": loader, "kl": kl_ctl},
                       model_cfg=roles.model_cfg, weight_decay=rl.weight_decay)
     actor_net, critic_net = trainer.models["actor"], trainer.models["critic"]
+    over = call_overhead_tokens(info.device, sharded=D.is_fsdp(actor_net))  # the cost of one more forward call
 
-    def micro_step(sub: RolloutBatch, epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward(sub: RolloutBatch, epoch: int) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """(log-probs (b, r), entropy (b, r) in the first epoch else None, values (b, r)) of the micro-batch."""
+        logp, ent = response_logprobs(actor_net, sub, T, with_entropy=epoch == 0)  # (b, r)
+        return logp, ent, response_values(critic_net, sub)
+
+    def loss(sub: RolloutBatch, logp: torch.Tensor, ent: Optional[torch.Tensor],
+             values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Clipped policy + value losses summed over the micro-batch's response tokens."""
         m = sub.response_mask  # (b, r)
         n = m.sum()
-        logp, ent = response_logprobs(actor_net, sub, T, with_entropy=epoch == 0)  # (b, r)
         pg, pst = losses.ppo_policy_loss(logp, sub.extra["old_logp"], sub.extra["advantages"], m, rl.clip_eps,
                                          reduction="token_sum")
-        values = response_values(critic_net, sub)  # (b, r)
         vf, vst = losses.ppo_value_loss(values, sub.extra["values"], sub.extra["returns"], m, rl.value_clip_eps,
                                         reduction="sum")
         stats = {"policy_loss": pg.detach(), "value_loss": vf.detach(), "clipfrac": pst["clipfrac"] * n,
@@ -132,19 +154,47 @@ def run(cfg: Config, out: str | Path) -> dict:
             stats["entropy"] = losses.masked_sum(ent, m)
         return pg + rl.vf_coef * vf, n, stats
 
+    def first_step(b: RolloutBatch, chunks: list[torch.Tensor], ready: Callable[[], None]) -> dict:
+        """The update's first optimizer step when it reads the whole rollout (first_step_reads_rollout): each
+        chunk's forward with its graph kept, the old log-probs and values read off it (the ratio is 1 in this
+        step, as it is up to rounding when a rollout pass computes them), ``ready()`` (the advantages), then the
+        losses, the backward passes and the optimizer step."""
+        subs = [b.select(rows) for rows in chunks]
+        outs = []
+        for i, sub in enumerate(subs):
+            with trainer.micro(last=i == len(subs) - 1):
+                outs.append(forward(sub, 0))
+        b.extra["old_logp"] = by_row(b, chunks, [o[0] for o in outs])  # (B, R)
+        b.extra["values"] = by_row(b, chunks, [o[2] for o in outs])  # (B, R)
+        ready()
+        for rows, sub in zip(chunks, subs):
+            sub.extra = b.select(rows).extra  # now with the advantages and returns
+        return trainer.accumulate(list(zip(subs, outs)), lambda kept: loss(kept[0], *kept[1]))
+
     def step_fn(step: int) -> dict:
-        r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank, micro_rows=MB)
+        lazy = first_step_reads_rollout(rl, rl.prompts_per_step, MB, info.world_size, over)
+        r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank, micro_rows=MB,
+                    old_logp=not lazy)
         b, m, beta = r.batch, r.batch.response_mask, kl_ctl.value
-        kl, non_score = advantages(trainer, b, r.score, kl_ctl.value, rl, MB, step, r.timer)
+        made: dict[str, torch.Tensor] = {}
+
+        def ready() -> None:  # the old log-probs and values are in b.extra
+            made["kl"], made["non_score"] = advantages(b, r.score, beta, rl, step)
+
+        if not lazy:
+            value_pass(trainer, b, MB, r.timer)
+            ready()
+        gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
+        with r.timer.phase("update"):
+            stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
+                                  generator=gen, micro_step=lambda sub, epoch: loss(sub, *forward(sub, epoch)),
+                                  summarise=summarise, overhead=over,
+                                  first_step=(lambda chunks: first_step(b, chunks, ready)) if lazy else None)
+        kl, non_score = made["kl"], made["non_score"]
         n, kl_sum, ns_sum, *sums = global_sums(len(b), kl.sum(), non_score.sum(),  # one all-reduce for all
                                                *masked_moment_sums(b.extra["returns"], m),
                                                *masked_moment_sums(b.extra["returns"] - b.extra["values"], m))
         var_ret, var_err = moments(*sums[:3])[1], moments(*sums[3:])[1]
-        gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-        with r.timer.phase("update"):
-            stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
-                                  generator=gen, micro_step=micro_step, summarise=summarise,
-                                  overhead=call_overhead_tokens(info.device, sharded=D.is_fsdp(actor_net)))
         kl_ctl.update(kl_sum / n, int(n))
         log_samples(trainer, step, r, rl.sample_every)
         return {"loss": stats["policy_loss"] + rl.vf_coef * stats["value_loss"], **rollout_metrics(r),
