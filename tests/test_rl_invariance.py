@@ -93,27 +93,34 @@ def test_grpo_update_is_micro_batch_invariant(monkeypatch, tmp_path, world, algo
     assert_same_logged_means(tmp_path)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo"])
-def test_grpo_old_logprobs_from_the_update_equal_a_rollout_pass(monkeypatch, tmp_path, world, algo):
-    """With one optimizer step per rollout (1 epoch, 1 minibatch) the old log-probs come from the update's own
-    forward (no rollout pass); the gradients and the logged numbers (the rollout's KL included) equal those of a
-    run that computes them in the rollout."""
+@pytest.mark.parametrize("algo,epochs", [("grpo", 1), ("rloo", 1), ("grpo", 2)])
+def test_grpo_old_logprobs_from_the_update_equal_a_rollout_pass(monkeypatch, tmp_path, world, algo, epochs):
+    """With one minibatch the old log-probs come from the update's own first forward (no rollout pass), kept for
+    the later epochs; the gradients of every optimizer step and the logged numbers (the rollout's KL included)
+    equal those of a run that computes them in the rollout."""
     from chatforge.stages import grpo
 
     def make_cfg():
         return load_config("grpo", MICRO, rl_overrides(world, 2, f"rl.algo={algo}", "rl.prompts_per_step=3",
-                                                       "rl.group_size=3", "rl.minibatches=1", "rl.ppo_epochs=1",
+                                                       "rl.group_size=3", "rl.minibatches=1", f"rl.ppo_epochs={epochs}",
                                                        "rl.grpo_kl_coef=0.1", "rl.missing_eos_penalty=null",
                                                        "train.device=cpu", "train.batch_size=4"))
 
-    assert grpo.old_logp_from_update(make_cfg().rl, 9)
+    rl = make_cfg().rl
+    assert grpo.old_logp_from_update(rl, 9)
+    rl.minibatches = 2
+    assert not grpo.old_logp_from_update(rl, 9) and grpo.old_logp_from_update(rl, 1)  # 1 row: one minibatch
     lazy = captured_grads(monkeypatch, lambda: grpo.run(make_cfg(), tmp_path / "lazy"))
     monkeypatch.setattr(grpo, "old_logp_from_update", lambda rl, rows: False)
     eager = captured_grads(monkeypatch, lambda: grpo.run(make_cfg(), tmp_path / "eager"))
+    assert len(lazy) == 2 * epochs
     assert_same_grads(lazy, eager)
     a, b = train_rows(tmp_path / "lazy"), train_rows(tmp_path / "eager")
     assert all("logp_s" not in r for r in a) and all("logp_s" in r for r in b)  # the pass was skipped
-    assert all(r["clipfrac"] == 0.0 and r["approx_kl"] == 0.0 for r in a)  # ratio exactly 1
+    if epochs == 1:
+        assert all(r["clipfrac"] == 0.0 and r["approx_kl"] == 0.0 for r in a)  # ratio exactly 1
+    else:
+        assert all(r["approx_kl"] > 0.0 for r in a)  # the second epoch's ratios moved from the kept log-probs
     for key in ("loss", "policy_loss", "kl_loss", "kl", "reward", "entropy", "grad_norm"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
 

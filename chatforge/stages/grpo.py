@@ -2,8 +2,8 @@
 
 One trainer step = one rollout batch + its update epochs:
   1. rollout    rl.prompts_per_step prompts per rank, each sampled rl.group_size times (the engine, one batch),
-                old log-probs (actor; taken from the update's own forward when the update is one optimizer step,
-                see old_logp_from_update) and, when rl.grpo_kl_coef > 0, reference log-probs (frozen SFT)
+                old log-probs (actor; taken from the update's own forward when its first optimizer step reads
+                every row, see old_logp_from_update) and, when rl.grpo_kl_coef > 0, reference log-probs (frozen SFT)
   2. advantages one score per response (normalised reward, clipped, + rl.missing_eos_penalty when it never
                 ended), then per group: GRPO (r - mean) / (std + rl.grpo_eps) (0 for a group of equal rewards), or
                 RLOO r - mean of the other G - 1; the same advantage on every token of the response
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,7 +27,7 @@ from chatforge.data.chunks import call_overhead_tokens
 from chatforge.rl.prompts import PromptLoader, load_prompt_set
 from chatforge.rl.roles import check_rl_config, load_roles, print_role_memory, reward_module
 from chatforge.next_token_logits import plain_gpt
-from chatforge.rl.rollout import RolloutBatch, collect, log_samples, response_logprobs, rollout_metrics
+from chatforge.rl.rollout import RolloutBatch, by_row, collect, log_samples, response_logprobs, rollout_metrics
 from chatforge.rl.stats import global_sums
 from chatforge.rl.update import update_epochs
 from chatforge.stages.common import finish_rl, stage_entry, start
@@ -55,10 +56,12 @@ def advantages(score: torch.Tensor, algo: str, G: int, eps: float = 1e-4) -> tor
 
 
 def old_logp_from_update(rl, rows: int) -> bool:
-    """Whether the update is ONE optimizer step (rl.ppo_epochs 1, one minibatch), so that every forward of it runs
-    under the rollout's weights: then the old log-probs are the update's own log-probs, detached (ratio 1), and the
-    rollout skips their forward pass (as TRL's GRPOTrainer does with num_iterations=1)."""
-    return rl.ppo_epochs == 1 and min(rl.minibatches, rows) == 1
+    """Whether the update's first optimizer step reads every row (one minibatch): it runs under the rollout's
+    weights, so its own log-probs, detached, are the old log-probs (ratio 1) and the rollout skips their forward
+    pass (as TRL's GRPOTrainer does with num_iterations=1); with more epochs that step keeps them for the later
+    ones (update_epochs' ``first_step``). No extra memory: the advantages need no old log-probs, so each chunk
+    still runs its forward and backward alone."""
+    return min(rl.minibatches, rows) == 1
 
 
 def summarise(res: dict) -> dict:
@@ -93,16 +96,19 @@ def run(cfg: Config, out: str | Path) -> dict:
     actor_net = trainer.models["actor"]
     per_seq = rl.loss_averaging == "sequence"
 
-    def micro_step(sub: RolloutBatch, epoch: int) -> tuple[torch.Tensor, float, dict]:
+    def micro_step(sub: RolloutBatch, epoch: int, keep: Optional[list] = None) -> tuple[torch.Tensor, float, dict]:
         """The clipped objective (+ k3 KL to the reference) summed over tokens, or over sequences of their
-        token means (rl.loss_averaging='sequence')."""
+        token means (rl.loss_averaging='sequence'); ``keep``: a list that gets the old log-probs (b, r) when this
+        forward provides them."""
         m = sub.response_mask  # (b, r)
         n_tok = m.sum()
         logp, ent = response_logprobs(actor_net, sub, T, with_entropy=epoch == 0)  # (b, r)
         adv = sub.extra["advantages"][:, None].expand_as(m)  # (b, r): one advantage per response
         old = sub.extra.get("old_logp")
-        if old is None:  # one optimizer step (old_logp_from_update): this forward runs under the rollout's weights
+        if old is None:  # the first optimizer step (old_logp_from_update): under the rollout's weights
             old = logp.detach()  # (b, r)
+            if keep is not None:
+                keep.append(old)
         pg, pst = losses.ppo_policy_loss(logp, old, adv, m, rl.clip_eps,
                                          reduction="sequence_sum" if per_seq else "token_sum")
         stats = {"policy_loss": pg.detach(), "clipfrac": pst["clipfrac"] * n_tok,
@@ -134,12 +140,19 @@ def run(cfg: Config, out: str | Path) -> dict:
             kl_metric["kl"] = kl_sum / (n * G)
         else:
             n, zero_groups = global_sums(len(b) // G, zero)
+        def first_step(chunks: list[torch.Tensor]) -> dict:  # lazy_old, more epochs: keep the old log-probs
+            subs, kept = [b.select(rows) for rows in chunks], []
+            res = trainer.accumulate(subs, lambda sub: micro_step(sub, 0, kept))
+            b.extra["old_logp"] = by_row(b, chunks, kept)  # (B, R)
+            return res
+
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
         with r.timer.phase("update"):
             stats = update_epochs(trainer, b, epochs=rl.ppo_epochs, minibatches=rl.minibatches, micro_rows=MB,
                                   generator=gen, micro_step=micro_step, summarise=summarise,
                                   overhead=call_overhead_tokens(info.device, sharded=D.is_fsdp(actor_net)),
-                                  by_prompt=plain_gpt(actor_net) is not None)  # a group's prompt computed once
+                                  by_prompt=plain_gpt(actor_net) is not None,  # a group's prompt computed once
+                                  first_step=first_step if lazy_old and rl.ppo_epochs > 1 else None)
         if "kl" in stats:  # the rollout's KL, summed in the update (lazy_old)
             kl_metric["kl"] = stats.pop("kl")
         log_samples(trainer, step, r, rl.sample_every)
