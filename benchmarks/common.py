@@ -51,8 +51,23 @@ def set_threads(n: int = 0) -> int:
     return n
 
 
+def product_rate(reps: int = 20) -> float:
+    """This process's fp32 1024^3 product rate now, GFLOP/s (best of ``reps``, torch's threads): how much of the
+    CPU a benchmark gets. On a shared host it drifts (the idle 2-core development machine: 180-187 at 2 threads,
+    88-173 when other jobs ran), so a result records it at the start and the end of its run."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return round(2 * 1024**3 / best / 1e9, 1)
+
+
 def machine_info() -> dict:
-    """What a result line needs to be comparable: CPU/GPU, cores, threads, versions, date."""
+    """What a result line needs to be comparable: CPU/GPU, cores, threads, versions, date, and the fp32 product
+    rate at this moment (:func:`product_rate`)."""
     info = {
         "cpu": cpu_model(),
         "cores": cores(),
@@ -61,6 +76,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "fp32_gflops": product_rate(),
     }
     try:
         import transformers

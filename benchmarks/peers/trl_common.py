@@ -381,7 +381,7 @@ def harness(doc: str, script: str, children: dict[str, Callable[[argparse.Namesp
             a.x_max_pairs = 120
         if a.sizes == "small,medium":
             a.sizes = "small"
-    from common import cores, machine_info, print_table, set_threads, write_json
+    from common import cores, machine_info, print_table, product_rate, set_threads, write_json
 
     a.warmup = defaults["warmup"] if a.warmup is None else a.warmup
     a.steps = defaults["steps"] if a.steps is None else a.steps
@@ -442,4 +442,6 @@ def harness(doc: str, script: str, children: dict[str, Callable[[argparse.Namesp
         if rows:
             print_table(rows, list(rows[0]), title=f"size {size} ({SIZES[size]})")
         results[size] = {"raw": res, "rows": rows}
+    machine["fp32_gflops_end"] = product_rate()
+    print(f"\nfp32 product rate: {machine['fp32_gflops']} GFLOP/s at the start, {machine['fp32_gflops_end']} at the end")
     write_json(a.json, {"machine": machine, "argv": {k: v for k, v in vars(a).items() if k != "dirs"}, "results": results})
