@@ -197,3 +197,37 @@ def test_scalar_model_gather_last_left_and_right_padding():
     assert rm(x).abs().max() == 0
     rm.init_score()
     assert abs(rm.score.weight.std().item() - 1 / 65 ** 0.5) < 0.05
+
+
+def test_rope_constants_made_during_generation_are_normal_tensors():
+    """The rotary constants are cached at first use, which in RL is the rollout's generation (inference mode); they
+    must still be normal tensors: a compiled training forward saves them for its backward, and inference tensors
+    cannot be saved ("Inference tensors cannot be saved for backward")."""
+    from chatforge.model import ops
+
+    with torch.inference_mode():
+        inv_freq, sign = ops.rope_constants(16, 4321.0, "cpu")  # a (head_dim, theta) no other test uses
+    assert not inv_freq.is_inference() and not sign.is_inference()
+    assert torch.equal(inv_freq, 1.0 / 4321.0 ** (torch.arange(0, 16, 2).float() / 16))
+    assert sign.tolist() == [-1.0] * 8 + [1.0] * 8
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_after_generating():
+    """train.compile: a compiled model first run under inference mode (an RL rollout) then trained gives the eager
+    model's loss and gradients (a rotary theta no other test uses, so its constants are made by the first call)."""
+    import copy
+
+    eager = make_gpt(seed=3, rope_theta=7777.0).train()
+    compiled = torch.compile(copy.deepcopy(eager))
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        compiled(ids)
+    losses = []
+    for m in (compiled, eager):
+        loss = m(ids).logsumexp(-1).mean()
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-6), name

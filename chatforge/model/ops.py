@@ -20,14 +20,24 @@ _ROPE_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def rope_constants(head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """inv_freq = 1 / theta^(arange(0, hd, 2) / hd), (hd/2,) fp32, and the sign (hd,) = (-1, ..., -1, 1, ..., 1)
     of the rotate-half convention; computed once per (hd, theta, device) and kept outside the module (a buffer
-    would be rounded by ``.to(bf16)``)."""
+    would be rounded by ``.to(bf16)``). Kept as normal tensors even when first made during generation (inference
+    mode): a compiled training forward saves them for its backward, which inference tensors cannot be; under
+    torch.compile they are made inside the graph instead (a traced cache would hold the tensors of whichever
+    mode compiled first)."""
+    if torch.compiler.is_compiling():
+        return _rope_constants(head_dim, theta, device)
     key = (head_dim, float(theta), str(device))
     if key not in _ROPE_CONSTANTS:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
-        sign = torch.ones(head_dim, device=device)
-        sign[: head_dim // 2] = -1.0
-        _ROPE_CONSTANTS[key] = inv_freq, sign
+        with torch.inference_mode(False):
+            _ROPE_CONSTANTS[key] = _rope_constants(head_dim, theta, device)
     return _ROPE_CONSTANTS[key]
+
+
+def _rope_constants(head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
+    sign = torch.ones(head_dim, device=device)
+    sign[: head_dim // 2] = -1.0
+    return inv_freq, sign
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
