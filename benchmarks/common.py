@@ -51,18 +51,19 @@ def set_threads(n: int = 0) -> int:
     return n
 
 
-def product_rate(reps: int = 20) -> float:
-    """This process's fp32 1024^3 product rate now, GFLOP/s (best of ``reps``, torch's threads): how much of the
-    CPU a benchmark gets. On a shared host it drifts (the idle 2-core development machine: 180-187 at 2 threads,
-    88-173 when other jobs ran), so a result records it at the start and the end of its run."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def product_rate(m: int = 1024, k: int = 1024, n: int = 1024, reps: int = 20) -> float:
+    """This process's fp32 (m, k) @ (k, n) product rate now, GFLOP/s (best of ``reps``, torch's threads). At
+    1024^3 it says how much of the CPU a benchmark gets: on a shared host it drifts (the idle 2-core development
+    machine: 180-187 at 2 threads, 88-173 when other jobs ran), so a result records it at the start and the end of
+    its run."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
     a @ b
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    return round(2 * 1024**3 / best / 1e9, 1)
+    return round(2 * m * k * n / best / 1e9, 1)
 
 
 def machine_info() -> dict:

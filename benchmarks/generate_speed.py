@@ -48,11 +48,10 @@ def machine_floors(threads: int) -> dict:
     x = torch.ones(128 * 1024 * 1024)  # 512 MiB, far beyond any cache
     best = min(_timed(lambda: x.sum()) for _ in range(5))
     bw = x.numel() * 4 / best
-    flops = {}
-    for name, (m, k, n) in {"large": (1024, 1024, 1024), "decode-b16": (16, 384, 1024)}.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        t = min(_timed(lambda: a @ b) for _ in range(20))
-        flops[name] = 2 * m * k * n / t
+    from common import product_rate
+
+    flops = {name: product_rate(*shape) * 1e9 for name, shape in {"large": (1024, 1024, 1024),
+                                                                   "decode-b16": (16, 384, 1024)}.items()}
     return {"bandwidth": bw, "flops": max(flops.values()), "flops_by_shape": flops}
 
 

@@ -29,8 +29,8 @@ def update_epochs(trainer: Trainer, batch: RolloutBatch, *, epochs: int, minibat
     so micro-batching and ranks leave each minibatch's gradient unchanged. ``summarise(result)`` turns one
     minibatch's global sums into means; the means are averaged over the minibatches in which they appeared.
     ``first_step(chunks)``, when given, runs the first optimizer step instead (from the chunks' row indices) and
-    returns what ``Trainer.accumulate`` does: PPO's step that takes the old log-probs and values from its own
-    forward.
+    returns what ``Trainer.accumulate`` does: a step that takes the rollout's old log-probs (PPO: and values)
+    from its own forward.
     """
     n_rows = len(batch)
     M = max(1, min(minibatches, n_rows))

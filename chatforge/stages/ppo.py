@@ -171,8 +171,9 @@ def run(cfg: Config, out: str | Path) -> dict:
             sub.extra = b.select(rows).extra  # now with the advantages and returns
         return trainer.accumulate(list(zip(subs, outs)), lambda kept: loss(kept[0], *kept[1]))
 
+    lazy = first_step_reads_rollout(rl, rl.prompts_per_step, MB, info.world_size, over)  # the same every step
+
     def step_fn(step: int) -> dict:
-        lazy = first_step_reads_rollout(rl, rl.prompts_per_step, MB, info.world_size, over)
         r = collect(trainer, roles, prompts, loader, rl, seed=cfg.train.seed, step=step, rank=info.rank, micro_rows=MB,
                     old_logp=not lazy)
         b, m, beta = r.batch, r.batch.response_mask, kl_ctl.value
