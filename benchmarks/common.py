@@ -8,8 +8,10 @@ writes them for ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -146,6 +148,29 @@ def print_table(rows: list[dict], columns: list[str], title: Optional[str] = Non
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells:
         print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+
+
+def median_rows(rounds: list[list[dict]], key: str = "loop") -> list[dict]:
+    """The rows of one table measured in several rounds -> one row per ``key`` value (first-seen order): each
+    numeric column the median of its finite values over the rounds (NaN where it has none), any other column as
+    first seen. A ratio column gives the median of the rounds' ratios, each taken between loops of one round."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    names = list(dict.fromkeys(r[key] for rows in rounds for r in rows))
+    out = []
+    for name in names:
+        same = [r for rows in rounds for r in rows if r[key] == name]
+        row: dict = {}
+        for col in dict.fromkeys(c for r in same for c in r):
+            vals = [r[col] for r in same if col in r]
+            if col != key and any(number(v) for v in vals):
+                xs = [v for v in vals if number(v) and math.isfinite(v)]
+                row[col] = statistics.median(xs) if xs else float("nan")
+            else:
+                row[col] = vals[0]
+        out.append(row)
+    return out
 
 
 def _fmt(v) -> str:

@@ -354,6 +354,32 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def run_loops(a: argparse.Namespace, script: str, size: str) -> dict:
+    """Every loop of ``a.loops`` at ``size``, each in its own subprocess (``--child``): name -> its result dict
+    (``error`` set where it failed), one progress line each."""
+    res = {}
+    for name in a.loops.split(","):
+        cmd = [sys.executable, script, "--child", name, "--size", size, "--warmup", str(a.warmup),
+               "--steps", str(a.steps), "--threads", str(a.threads), "--work", a.work,
+               *[x for k, v in vars(a).items() if k.startswith("x_") for x in (f"--{k[2:].replace('_', '-')}", str(v))]]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
+        if line is None:
+            res[name] = {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
+        else:
+            res[name] = json.loads(line[len("RESULT "):])
+        if res[name].get("error"):
+            print(f"  {name}: FAILED: {res[name]['error'][:2000]}", flush=True)
+            if proc.returncode == 0 and proc.stderr:
+                print("    " + proc.stderr[-1500:].replace("\n", "\n    "), flush=True)
+        else:
+            info = res[name]
+            print(f"  {name}: {mean(info.get('step_s', [])):.3f} s/step, set-up {info.get('setup_s', 0):.1f}s, "
+                  f"peak RSS {info['maxrss_mb']:.0f} MB ({time.time() - t0:.0f}s)", flush=True)
+    return res
+
+
 def harness(doc: str, script: str, children: dict[str, Callable[[argparse.Namespace], dict]],
             default_children: list[str], rows_fn: Callable[[str, dict, argparse.Namespace], list[dict]],
             defaults: dict, add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None,
@@ -367,6 +393,9 @@ def harness(doc: str, script: str, children: dict[str, Callable[[argparse.Namesp
     p.add_argument("--steps", type=int, default=None, help=f"timed steps (default {defaults['steps']})")
     p.add_argument("--quick", action="store_true", help="smoke run: small size, 1 warmup + 2 timed steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds: each runs every loop once, so its ratios compare loops minutes apart; with more than "
+                        "one, every round's table, then the medians over the rounds (read these on a shared host)")
     p.add_argument("--work", default=None, help="folder for the generated models (default: benchmarks/out/work)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -374,6 +403,8 @@ def harness(doc: str, script: str, children: dict[str, Callable[[argparse.Namesp
     if add_args:
         add_args(p)
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error(f"--repeats {a.repeats}: at least 1")
     if a.quick:  # explicit --warmup/--steps still win
         a.warmup = 1 if a.warmup is None else a.warmup
         a.steps = 2 if a.steps is None else a.steps
@@ -381,7 +412,7 @@ def harness(doc: str, script: str, children: dict[str, Callable[[argparse.Namesp
             a.x_max_pairs = 120
         if a.sizes == "small,medium":
             a.sizes = "small"
-    from common import cores, machine_info, print_table, product_rate, set_threads, write_json
+    from common import cores, machine_info, median_rows, print_table, product_rate, set_threads, write_json
 
     a.warmup = defaults["warmup"] if a.warmup is None else a.warmup
     a.steps = defaults["steps"] if a.steps is None else a.steps
@@ -418,30 +449,20 @@ def harness(doc: str, script: str, children: dict[str, Callable[[argparse.Namesp
     for size in sizes:
         print(f"\n== size {size}: {SIZES[size]}, vocab {VOCAB}, context {block_size}; "
               f"{a.warmup} warmup + {a.steps} timed steps, {a.threads} threads", flush=True)
-        res = {}
-        for name in a.loops.split(","):
-            cmd = [sys.executable, script, "--child", name, "--size", size, "--warmup", str(a.warmup),
-                   "--steps", str(a.steps), "--threads", str(a.threads), "--work", a.work,
-                   *[x for k, v in vars(a).items() if k.startswith("x_") for x in (f"--{k[2:].replace('_', '-')}", str(v))]]
-            t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
-            if line is None:
-                res[name] = {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
-            else:
-                res[name] = json.loads(line[len("RESULT "):])
-            if res[name].get("error"):
-                print(f"  {name}: FAILED: {res[name]['error'][:2000]}", flush=True)
-                if proc.returncode == 0 and proc.stderr:
-                    print("    " + proc.stderr[-1500:].replace("\n", "\n    "), flush=True)
-            else:
-                info = res[name]
-                print(f"  {name}: {mean(info.get('step_s', [])):.3f} s/step, set-up {info.get('setup_s', 0):.1f}s, "
-                      f"peak RSS {info['maxrss_mb']:.0f} MB ({time.time() - t0:.0f}s)", flush=True)
-        rows = rows_fn(size, res, a)
-        if rows:
-            print_table(rows, list(rows[0]), title=f"size {size} ({SIZES[size]})")
-        results[size] = {"raw": res, "rows": rows}
+        rounds = []
+        for k in range(a.repeats):
+            if a.repeats > 1:
+                print(f"\n-- round {k + 1} of {a.repeats} (fp32 product {product_rate()} GFLOP/s)", flush=True)
+            res = run_loops(a, script, size)
+            rows = rows_fn(size, res, a)
+            if rows:
+                print_table(rows, list(rows[0]), title=f"size {size} ({SIZES[size]})"
+                            + (f", round {k + 1} of {a.repeats}" if a.repeats > 1 else ""))
+            rounds.append({"raw": res, "rows": rows})
+        rows = median_rows([r["rows"] for r in rounds])
+        if a.repeats > 1 and rows:
+            print_table(rows, list(rows[0]), title=f"size {size} ({SIZES[size]}): medians of {a.repeats} rounds")
+        results[size] = {"rows": rows, "rounds": rounds}
     machine["fp32_gflops_end"] = product_rate()
     print(f"\nfp32 product rate: {machine['fp32_gflops']} GFLOP/s at the start, {machine['fp32_gflops_end']} at the end")
     write_json(a.json, {"machine": machine, "argv": {k: v for k, v in vars(a).items() if k != "dirs"}, "results": results})
