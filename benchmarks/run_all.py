@@ -6,7 +6,9 @@ benchmarks compare against; ``bash benchmarks/make_bench_env.sh`` creates it), e
 interpreter. Results are printed, and written as JSON to ``benchmarks/out/<name>.json``.
 Extra arguments are passed to every script, e.g. ``python benchmarks/run_all.py --threads 2``;
 ``--only sft,rm`` runs just those scripts; ``--quick`` (a smoke run) is passed to the scripts that
-accept it and replaced by a short equivalent for those that do not (pretrain_speed.py).
+accept it and replaced by a short equivalent for those that do not (pretrain_speed.py); ``--repeats N``
+(rounds, then medians) goes to the scripts on the shared harness (the TRL comparisons and
+generate_speed.py), not to the others.
 Exit status: the number of scripts that failed.
 """
 
@@ -32,6 +34,11 @@ def main() -> int:
         del args[i:i + 2]
     quick = "--quick" in args
     args = [x for x in args if x != "--quick"]
+    repeats = []
+    if "--repeats" in args:
+        i = args.index("--repeats")
+        repeats = args[i:i + 2]
+        del args[i:i + 2]
     python = str(BENCH_PYTHON) if BENCH_PYTHON.exists() else sys.executable
     print(f"interpreter: {python}")
     scripts = [s for s in sorted(HERE.glob("*_speed.py")) if only is None or s.stem in only]
@@ -41,9 +48,12 @@ def main() -> int:
     failed = []
     for script in scripts:
         out = HERE / "out" / f"{script.stem}.json"
-        extra = list(args)
+        extra, text = list(args), script.read_text()
+        shared = "C.harness(" in text  # the shared harness (benchmarks/peers/trl_common.py): --quick, --repeats
         if quick:
-            extra += ["--quick"] if '"--quick"' in script.read_text() else QUICK_FALLBACK.get(script.stem, [])
+            extra += ["--quick"] if shared or '"--quick"' in text else QUICK_FALLBACK.get(script.stem, [])
+        if shared:
+            extra += repeats
         cmd = [python, str(script), "--json", str(out), *extra]
         print(f"\n### {script.name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
